@@ -1,0 +1,1 @@
+"""npo_min: a minimal reference implementation of Self-NPO and Diffusion-NPO."""

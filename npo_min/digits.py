@@ -1,0 +1,100 @@
+"""The UCI optdigits data: 1797 real handwritten digits, 8x8, 10 classes (CC BY 4.0).
+
+Vendored as `npo_min/data/optdigits.csv.gz` (see `npo_min/data/ATTRIBUTION.md`): each row is 64
+pixel counts in 0..16 followed by the label. The split is fixed (seeded permutation, 20% held
+out) and the held-out part never enters any training: not the diffusion model, not Self-NPO,
+not the reward classifier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+from .checkpoint import CheckpointError, load_into, load_state_dict, read_metadata
+from .unet import PRESETS, UNet2DConditionModel, UNetConfig
+
+DATA_FILE = Path(__file__).parent / "data" / "optdigits.csv.gz"
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # the "unconditional" label, index 10 of the class-embedding table
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+
+
+def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(images, labels)` for split "train", "test" or "all".
+
+    images: float32 `(N, 1, 8, 8)`, pixels in [-1, 1] (count 0..16 mapped linearly);
+    labels: int64 `(N,)` in 0..9. Train has 1438 images, test 359.
+
+    Raises:
+        ValueError: unknown split name.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"unknown split {split!r}: use 'train', 'test' or 'all'.")
+    rows = np.loadtxt(DATA_FILE, delimiter=",", dtype=np.int64)  # (1797, 65)
+    pixels, labels = rows[:, :64], rows[:, 64]
+    images = pixels.reshape(-1, 1, 8, 8).astype(np.float32) / 8.0 - 1.0  # (N, 64) -> (N, 1, 8, 8)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(rows))
+    n_test = int(round(TEST_FRACTION * len(rows)))
+    idx = {"test": order[:n_test], "train": order[n_test:], "all": np.arange(len(rows))}[split]
+    return torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])
+
+
+# ---- the digits diffusion model: the SD1.5 UNet code at the "digits" preset + a class table ----
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "digits"
+
+
+class ClassEmbedding(nn.Module):
+    """The digits model's "text encoder": label (B,) in 0..10 -> context (B, tokens, dim).
+
+    A learned table with one row per class plus the null class 10 (trained with 10% label
+    dropout so CFG has an unconditional branch); the UNet reads it through cross-attention.
+    """
+
+    def __init__(self, tokens: int = 4, dim: int = 64):
+        super().__init__()
+        self.tokens = tokens
+        self.embedding = nn.Embedding(NUM_CLASSES + 1, tokens * dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.min() < 0 or labels.max() > NULL_CLASS:
+            raise ValueError(f"digit labels must be in 0..{NULL_CLASS} ({NULL_CLASS} = null); got {labels.tolist()}.")
+        return rearrange(self.embedding(labels), "b (l d) -> b l d", l=self.tokens)  # (B, L*D) -> (B, L, D)
+
+
+def build_digits_model(cfg: UNetConfig = PRESETS["digits"]) -> tuple[UNet2DConditionModel, ClassEmbedding]:
+    return UNet2DConditionModel(cfg), ClassEmbedding(tokens=4, dim=cfg.cross_attention_dim)
+
+
+def load_digits_model(path: str | Path = DEFAULT_WEIGHTS) -> tuple[UNet2DConditionModel, ClassEmbedding, dict]:
+    """Load `model.safetensors` (keys `unet.*`, `class_embedding.*`) from a folder or file.
+
+    Returns (unet, class_embedding, metadata), both modules in eval mode, float32.
+
+    Raises:
+        CheckpointError: missing file, or keys/shapes that do not fit the digits architecture.
+    """
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise CheckpointError(
+            f"digits model not found at {file}: use the shipped weights/digits, or make one with "
+            "`python train.py --method pretrain --out DIR`."
+        )
+    unet, embed = build_digits_model()
+    load_into(unet, load_state_dict(file, prefix="unet."), "the digits UNet")
+    load_into(embed, load_state_dict(file, prefix="class_embedding."), "the digits class embedding")
+    return unet.eval(), embed.eval(), read_metadata(file)
+
+
+def digits_config_json(cfg: UNetConfig = PRESETS["digits"]) -> str:
+    return json.dumps({"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+                       "class_embedding": {"tokens": 4, "dim": cfg.cross_attention_dim, "null_class": NULL_CLASS},
+                       "schedule": "scaled_linear 0.00085-0.012, T=1000", "prediction_type": "epsilon"}, indent=2)
