@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from npo_min.checkpoint import atomic_write, check_writable, fingerprint, save_safetensors
+from npo_min.checkpoint import CheckpointError, atomic_write, check_writable, fingerprint, save_safetensors
 from npo_min.delta import save_delta
 from npo_min.schedule import NoiseSchedule
 from npo_min.self_npo import SelfNPOConfig
@@ -171,4 +171,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, ValueError, FileExistsError, PermissionError) as e:
+        raise SystemExit(f"error: {e}")

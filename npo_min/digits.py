@@ -98,3 +98,39 @@ def digits_config_json(cfg: UNetConfig = PRESETS["digits"]) -> str:
     return json.dumps({"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
                        "class_embedding": {"tokens": 4, "dim": cfg.cross_attention_dim, "null_class": NULL_CLASS},
                        "schedule": "scaled_linear 0.00085-0.012, T=1000", "prediction_type": "epsilon"}, indent=2)
+
+
+@torch.no_grad()
+def sample_digits(
+    pos_unet, neg_unet, embed: ClassEmbedding, labels: torch.Tensor, noise: torch.Tensor,
+    guidance_scale: float, steps: int = 25, solver: str = "ddim", spacing: str = "trailing", batch_size: int = 500,
+) -> torch.Tensor:
+    """Class-conditional samples with CFG, negative branch = `neg_unet` at the null class.
+
+    labels: (B,) in 0..9; noise: (B, 1, 8, 8) standard normal (fix it to compare methods seed
+    for seed). Returns (B, 1, 8, 8) pixels clamped to [-1, 1].
+    """
+    from .guidance import guided_denoiser
+    from .schedule import NoiseSchedule
+    from .solvers import sample
+
+    null = embed(torch.tensor([NULL_CLASS]))
+    out = []
+    for i in range(0, len(labels), batch_size):
+        denoise = guided_denoiser(pos_unet, neg_unet, embed(labels[i : i + batch_size]), null, guidance_scale)
+        out.append(sample(denoise, noise[i : i + batch_size], steps, NoiseSchedule.sd(), solver, spacing))
+    return torch.cat(out).clamp(-1, 1)
+
+
+def to_uint8_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 1) -> np.ndarray:
+    """(B, 1, 8, 8) in [-1, 1] -> uint8 (H, W) grid, nrow images per row, nearest upscaling."""
+    b = images.shape[0]
+    ncol = (b + nrow - 1) // nrow
+    pix = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 8, 8)
+    pix = pix.repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (B, 8s, 8s)
+    side = pix.shape[-1] + pad
+    grid = torch.full((ncol * side + pad, nrow * side + pad), 255, dtype=torch.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        grid[pad + r * side : (r + 1) * side, pad + c * side : (c + 1) * side] = pix[i]
+    return grid.numpy()

@@ -7,6 +7,7 @@ Diffusion-NPO Eq. 10 (Self-NPO Eq. 7):      theta_neg = theta + alpha * eta + be
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -69,7 +70,7 @@ def compose_negative(
     Raises:
         ValueError: an offset has a key not in base or a shape that differs from base.
     """
-    out = dict(base)
+    out, acc = dict(base), {}  # acc: float32 sums, rounded to base's dtype once at the end
     for name, off, scale in (("eta", eta, alpha), ("delta", delta, beta)):
         if off is None or scale == 0:
             continue
@@ -79,8 +80,19 @@ def compose_negative(
         for k, v in off.items():
             if v.shape != base[k].shape:
                 raise ValueError(f"{name}[{k}] has shape {tuple(v.shape)} but the base has {tuple(base[k].shape)}: wrong base model?")
-            out[k] = (out[k].float() + scale * v.float()).to(base[k].dtype)
+            acc[k] = (acc[k] if k in acc else base[k].float()) + scale * v.float()
+    out.update({k: v.to(base[k].dtype) for k, v in acc.items()})
     return out
+
+
+def negative_model(unet: torch.nn.Module, base, delta=None, eta=None, alpha: float = 1.0, beta: float = 1.0) -> torch.nn.Module:
+    """A copy of `unet` (in eval mode) holding theta_neg = theta + alpha * eta + beta * delta.
+
+    base: the state dict theta of `unet`; delta / eta as in `compose_negative`.
+    """
+    neg = copy.deepcopy(unet)
+    neg.load_state_dict(compose_negative(base, delta=delta, eta=eta, alpha=alpha, beta=beta))
+    return neg.eval()
 
 
 def _check_same(a, b, na, nb):

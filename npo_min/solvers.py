@@ -31,7 +31,8 @@ def make_timesteps(num_steps: int, spacing: str = "leading", num_train_timesteps
         r = T // num_steps
         ts = [i * r + steps_offset for i in range(num_steps)][::-1]
     elif spacing == "trailing":
-        ts = [int(round(T - i * T / num_steps)) - 1 for i in range(num_steps)]
+        step = (T - T / num_steps) - T  # numpy.arange(T, 0, -T / n)'s own increment, so .5 ties round as diffusers'
+        ts = [int(round(T + i * step)) - 1 for i in range(num_steps)]
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}: use 'leading' or 'trailing'.")
     return [min(max(t, 0), T - 1) for t in ts]

@@ -1,0 +1,104 @@
+"""Evaluate NPO guidance on the digits model: reward, Frechet distance, seed-paired win rate.
+
+    python -m eval.evaluate --neg-ckpt out/self-npo/delta.safetensors
+
+For every guidance scale, the same noise and labels are sampled with plain CFG (negative branch =
+the base model at the null class) and with each negative model. Metrics, against the project's
+digit classifier (eval/classifier.py, trained on the train split only):
+  - log p: mean log-probability of the intended class (a reward with headroom; p itself saturates);
+  - margin: mean intended logit minus the best other logit;
+  - FD: Frechet distance between classifier features of the samples and of the held-out test
+    digits (lower = closer to real data; "real" row = 500 train digits vs test, the floor);
+  - win: share of seeds where the method's margin beats plain CFG's (ties count for neither).
+Printed as a table and written as JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from eval.classifier import load_classifier
+from eval.metrics import class_log_prob, class_margin, frechet_distance, paired_win_rate
+from npo_min.checkpoint import CheckpointError, atomic_write, check_writable
+from npo_min.delta import load_delta
+from npo_min.guidance import negative_model
+from npo_min.digits import NUM_CLASSES, load_digits, load_digits_model, sample_digits
+
+
+@torch.no_grad()
+def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, steps=25, solver="ddim",
+             spacing="trailing", classifier_path="weights/digits_classifier") -> tuple[list[dict], dict]:
+    """Rows {method, guidance_scale, log_p, margin, fd, win_vs_cfg, n} for plain CFG and each negative.
+
+    negatives: {name: neg_unet}; "cfg" (the base model itself) is always included. The held-out
+    test split is used only here, as the Frechet reference.
+    """
+    clf = load_classifier(classifier_path)
+    test_x, _ = load_digits("test")
+    ref = clf.features(test_x)
+    train_x, _ = load_digits("train")
+    floor = frechet_distance(clf.features(train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:500]]), ref)
+    labels = torch.arange(NUM_CLASSES).repeat(num_per_class)
+    noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for scale in scales:
+        margins = {}
+        for name, neg in {"cfg": unet, **negatives}.items():
+            x = sample_digits(unet, neg, embed, labels, noise, scale, steps, solver, spacing)
+            margin = class_margin(clf, x, labels)
+            margins[name] = margin
+            rows.append({"method": name, "guidance_scale": scale, "log_p": class_log_prob(clf, x, labels).mean().item(),
+                         "margin": margin.mean().item(), "fd": frechet_distance(clf.features(x), ref),
+                         "win_vs_cfg": None if name == "cfg" else paired_win_rate(margin, margins["cfg"]), "n": len(labels)})
+    return rows, {"real_train_vs_test_fd": floor, "num_samples": len(labels), "steps": steps, "solver": solver,
+                  "spacing": spacing, "seed": seed}
+
+
+def format_table(rows: list[dict], info: dict) -> str:
+    lines = [f"{'method':<14}{'scale':>6}{'log p':>9}{'margin':>9}{'FD':>8}{'win vs CFG':>12}", "-" * 58]
+    for r in rows:
+        win = "" if r["win_vs_cfg"] is None else f"{100 * r['win_vs_cfg']:.1f}%"
+        lines.append(f"{r['method']:<14}{r['guidance_scale']:>6.2g}{r['log_p']:>9.3f}{r['margin']:>9.2f}{r['fd']:>8.2f}{win:>12}")
+    lines.append(f"{'real digits':<14}{'':>6}{'':>9}{'':>9}{info['real_train_vs_test_fd']:>8.2f}{'':>12}")
+    lines.append(f"({info['num_samples']} samples per row, {info['steps']} {info['solver']} steps, seed {info['seed']}; "
+                 f"win = seed-paired share with higher margin than plain CFG, ties count for neither)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="weights/digits", help="base digits model")
+    p.add_argument("--neg-ckpt", action="append", required=True, help="delta file(s); repeat the flag to compare several")
+    p.add_argument("--beta", type=float, default=1.0, help="delta scale in theta_neg = theta + beta * delta")
+    p.add_argument("--guidance-scales", default="1.5,2,3,5", help="comma-separated CFG scales")
+    p.add_argument("--num-per-class", type=int, default=50, help="samples per class and scale")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=1234, help="noise seed (shared by all methods)")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="apply a delta made for another base")
+    p.add_argument("--out", default="out/eval", help="output folder (eval.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing eval.json")
+    args = p.parse_args(argv)
+    out = check_writable(Path(args.out) / "eval.json", args.overwrite)
+    scales = [float(s) for s in args.guidance_scales.split(",")]
+    unet, embed, _ = load_digits_model(args.weights)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    negatives = {}
+    for path in args.neg_ckpt:
+        delta, _ = load_delta(path, base, check_fingerprint=not args.ignore_fingerprint)
+        name = Path(path).parent.name if Path(path).name == "delta.safetensors" else Path(path).stem
+        negatives[name[:14]] = negative_model(unet, base, delta=delta, beta=args.beta)
+    rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, args.steps)
+    print(format_table(rows, info))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps({"rows": rows, "info": info, "args": vars(args)}, indent=2)))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, ValueError, FileExistsError, PermissionError) as e:
+        raise SystemExit(f"error: {e}")

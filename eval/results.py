@@ -1,0 +1,140 @@
+"""The README's results, in one command: plain CFG vs Self-NPO (K = 5) vs full simulation (K = 25).
+
+    python -m eval.results --out results/digits
+
+Trains (or reuses, if already in --out) the Self-NPO delta with the digits defaults and the paper's
+full-simulation baseline (K = N = 25 from pure noise) with the same steps, builds the two controls
+(the base model's own negative branch = plain CFG; a random offset with the same per-tensor norm as
+the K = 5 delta), evaluates all of them over a sweep of guidance scales with eval.evaluate, and
+writes results.json, results.md (tables) and curves.png (margin against Frechet distance, one
+curve per method across guidance scales). `--extra NAME="--lr 1e-5"` adds trained variants
+(sweeps of learning rate, steps, rollout w, ...); `--betas` adds beta scalings of the K = 5 delta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+import train
+from eval.evaluate import evaluate, format_table
+from npo_min.checkpoint import atomic_write, read_metadata
+from npo_min.delta import load_delta
+from npo_min.digits import load_digits_model
+from npo_min.guidance import negative_model
+
+
+def train_variant(out: Path, name: str, extra: str, weights: str, common: str) -> Path:
+    """Run train.py into out/name unless its delta is already there; returns the delta path."""
+    delta = out / name / "delta.safetensors"
+    if delta.exists():
+        print(f"[{name}] reusing {delta}")
+    else:
+        argv = shlex.split(f"--weights {weights} --out {out / name} {common} {extra}")
+        print(f"[{name}] python train.py {' '.join(argv)}")
+        train.main(argv)
+    return delta
+
+
+def random_like(delta: dict, seed: int) -> dict:
+    """Gaussian offsets with exactly the per-tensor L2 norm of `delta` (the norm-matched control)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in delta.items():
+        r = torch.randn(v.shape, generator=g)
+        out[k] = r * (v.norm() / r.norm().clamp_min(1e-12))
+    return out
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Margin (y) against Frechet distance (x), one polyline per method across guidance scales."""
+    W, H, pad = 720, 480, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs, ys = [r["fd"] for r in rows], [r["margin"] for r in rows]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
+    sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.text((W // 2 - 110, H - pad + 30), "Frechet distance to held-out digits (lower is better)", fill="black")
+    d.text((8, pad - 30), "mean margin of the intended class (higher is better)", fill="black")
+    for v in (x0, x1):
+        d.text((sx(v) - 10, H - pad + 6), f"{v:.1f}", fill="black")
+    for v in (y0, y1):
+        d.text((8, sy(v) - 6), f"{v:.2f}", fill="black")
+    colors = ["black", "red", "blue", "green", "orange", "purple", "brown", "magenta", "cyan", "gray"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, m in enumerate(methods):
+        pts = [(sx(r["fd"]), sy(r["margin"]), r["guidance_scale"]) for r in rows if r["method"] == m]
+        c = colors[i % len(colors)]
+        d.line([(x, y) for x, y, _ in pts], fill=c, width=2)
+        for x, y, s in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+            d.text((x + 4, y - 12), f"{s:g}", fill=c)
+        d.text((W - pad + 4 - 150, pad + 6 + 14 * i), m, fill=c)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="results/digits", help="output folder (deltas are reused from here)")
+    p.add_argument("--weights", default="weights/digits", help="base digits model")
+    p.add_argument("--common", default="--no-progress", help="train.py flags shared by every variant")
+    p.add_argument("--no-full", action="store_true", help="skip the K = 25 full-simulation baseline")
+    p.add_argument("--extra", action="append", default=[], metavar='NAME="FLAGS"', help="extra trained variant")
+    p.add_argument("--betas", default="", help="extra beta scalings of the K = 5 delta, e.g. 0.5,2")
+    p.add_argument("--guidance-scales", default="1.5,2,3,4,6", help="comma-separated CFG scales")
+    p.add_argument("--num-per-class", type=int, default=50, help="samples per class and scale")
+    p.add_argument("--seed", type=int, default=1234, help="sampling noise seed")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    variants = {"self-npo-k5": ""}
+    if not args.no_full:
+        variants["full-sim-k25"] = "--k 25 --start noise"
+    for item in args.extra:
+        name, _, flags = item.partition("=")
+        variants[name] = flags.strip('"')
+    deltas = {name: train_variant(out, name, flags, args.weights, args.common) for name, flags in variants.items()}
+
+    unet, embed, _ = load_digits_model(args.weights)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    negatives, cost = {}, {}
+    for name, path in deltas.items():
+        delta, meta = load_delta(path, base)
+        negatives[name] = negative_model(unet, base, delta=delta)
+        cost[name] = {"train_seconds": float(meta["train_seconds"]), "steps": int(meta["steps"]), "k": int(meta["k"]),
+                      "lr": float(meta["lr"]), "delta_norm": torch.sqrt(sum((v.float() ** 2).sum() for v in delta.values())).item()}
+        if name == "self-npo-k5":
+            for b in filter(None, args.betas.split(",")):
+                negatives[f"k5-beta{b}"] = negative_model(unet, base, delta=delta, beta=float(b))
+            negatives["random-norm"] = negative_model(unet, base, delta=random_like(delta, seed=0))
+    scales = [float(s) for s in args.guidance_scales.split(",")]
+    start = time.time()
+    rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed)
+    info["eval_seconds"] = time.time() - start
+
+    table = format_table(rows, info)
+    cost_lines = ["| variant | K | steps | lr | train seconds | s/step | ||delta|| |", "|---|---|---|---|---|---|---|"]
+    for name, c in cost.items():
+        cost_lines.append(f"| {name} | {c['k']} | {c['steps']} | {c['lr']:g} | {c['train_seconds']:.0f} | "
+                          f"{c['train_seconds'] / c['steps']:.2f} | {c['delta_norm']:.4f} |")
+    report = f"## Training cost\n\n" + "\n".join(cost_lines) + f"\n\n## Evaluation\n\n```\n{table}\n```\n"
+    print(report)
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report))
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
+        json.dumps({"rows": rows, "info": info, "cost": cost, "variants": variants, "args": vars(args),
+                    "metadata": {n: read_metadata(p) for n, p in deltas.items()}}, indent=2)))
+    plot_curves(rows, out / "curves.png")
+    print(f"wrote {out / 'results.md'}, results.json, curves.png")
+
+
+if __name__ == "__main__":
+    main()
