@@ -1,4 +1,4 @@
-"""CLIP text encoder (SD1.5's ViT-L/14 text tower) and CLIP's byte-level BPE tokenizer.
+"""CLIP text encoder, CLIP ViT image tower, the two-tower CLIPModel, and CLIP's BPE tokenizer.
 
 The modules are named after transformers' `CLIPTextModel` checkpoint layout, so a diffusers
 `text_encoder/model.safetensors` loads strictly:
@@ -12,8 +12,19 @@ The modules are named after transformers' `CLIPTextModel` checkpoint layout, so 
 
 The model is a pre-LayerNorm transformer with a causal mask (Radford et al. 2021, "Learning
 Transferable Visual Models From Natural Language Supervision"). `CLIPAttention`, `CLIPMLP`,
-`CLIPEncoderLayer` and `CLIPEncoder` take plain sizes and a `causal` flag, so a CLIP vision tower
-(ViT-L/14, ViT-H/14 for the PickScore / HPSv2 scorers) can reuse them from this file.
+`CLIPEncoderLayer` and `CLIPEncoder` take plain sizes and a `causal` flag and are shared with the
+image tower.
+
+The image tower (`CLIPVisionModel`, ViT-L/14 or ViT-H/14 for the aesthetic / PickScore / HPSv2
+scorers) and the two-tower `CLIPModel` follow transformers' `CLIPModel` layout:
+
+    vision_model.embeddings.{class_embedding, patch_embedding.weight, position_embedding.weight}
+    vision_model.pre_layrnorm.{weight,bias}        (sic: transformers' spelling)
+    vision_model.encoder.layers.{i}.*              (same block as the text tower, no causal mask)
+    vision_model.post_layernorm.{weight,bias}
+    visual_projection.weight, text_model.*, text_projection.weight, logit_scale
+
+OpenCLIP checkpoints (HPSv2.1) use another layout; `open_clip_to_hf` is the one map from it.
 
 The tokenizer is built with the `tokenizers` library from a checkpoint's own `vocab.json` and
 `merges.txt` (the diffusers `tokenizer/` folder) and reproduces what `transformers.CLIPTokenizer`
@@ -22,8 +33,11 @@ returns with `padding="max_length", max_length=77, truncation=True`.
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +51,14 @@ from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
 
 # ----------------------------------------------------------------------------------------------
 # Config
+
+# our field name -> transformers config.json key
+HF_TEXT_NAMES = dict(vocab_size="vocab_size", width="hidden_size", layers="num_hidden_layers",
+                     heads="num_attention_heads", mlp_width="intermediate_size",
+                     max_positions="max_position_embeddings", act="hidden_act", layer_norm_eps="layer_norm_eps")
+HF_VISION_NAMES = dict(image_size="image_size", patch_size="patch_size", width="hidden_size",
+                       layers="num_hidden_layers", heads="num_attention_heads", mlp_width="intermediate_size",
+                       act="hidden_act", layer_norm_eps="layer_norm_eps", channels="num_channels")
 
 
 @dataclass(frozen=True)
@@ -56,10 +78,7 @@ class CLIPTextConfig:
     @classmethod
     def from_hf(cls, cfg: dict, with_projection: bool = False) -> "CLIPTextConfig":
         """Read a transformers `text_encoder/config.json` dict (missing keys keep our defaults)."""
-        names = dict(vocab_size="vocab_size", width="hidden_size", layers="num_hidden_layers",
-                     heads="num_attention_heads", mlp_width="intermediate_size",
-                     max_positions="max_position_embeddings", act="hidden_act", layer_norm_eps="layer_norm_eps")
-        kw = {ours: cfg[theirs] for ours, theirs in names.items() if theirs in cfg}
+        kw = {ours: cfg[theirs] for ours, theirs in HF_TEXT_NAMES.items() if theirs in cfg}
         if with_projection:
             kw["projection_dim"] = cfg.get("projection_dim", 512)
         return cls(**kw)
@@ -72,6 +91,12 @@ PRESETS: dict[str, CLIPTextConfig] = {
     # OpenCLIP ViT-bigG/14 text tower with its projection: SDXL text_encoder_2 (CLIPTextModelWithProjection,
     # stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json; open_clip ViT-bigG-14.json).
     "sdxl_g": CLIPTextConfig(width=1280, layers=32, heads=20, mlp_width=5120, act="gelu", projection_dim=1280),
+    # Text towers of the two-tower scorers (CLIP_PRESETS below), with their text_projection:
+    # OpenAI CLIP ViT-L/14 (openai/clip-vit-large-patch14; the LAION aesthetic predictor's CLIP) ...
+    "vit_l_14": CLIPTextConfig(projection_dim=768),
+    # ... and OpenCLIP ViT-H/14 (laion/CLIP-ViT-H-14-laion2B-s32B-b79K: PickScore_v1, HPSv2.1;
+    # open_clip ViT-H-14.json text_cfg: width 1024, 16 heads, 24 layers, mlp_ratio 4, exact GELU).
+    "vit_h_14": CLIPTextConfig(width=1024, layers=24, heads=16, mlp_width=4096, act="gelu", projection_dim=1024),
 }
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -86,8 +111,79 @@ def get_config(preset: str | CLIPTextConfig) -> CLIPTextConfig:
     return PRESETS[preset]
 
 
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """Sizes of a CLIP ViT image tower. Field names follow the transformers config.json in brackets."""
+
+    image_size: int = 224  # [image_size]
+    patch_size: int = 14  # [patch_size]
+    width: int = 1024  # [hidden_size]
+    layers: int = 24  # [num_hidden_layers]
+    heads: int = 16  # [num_attention_heads]
+    mlp_width: int = 4096  # [intermediate_size]
+    act: str = "quick_gelu"  # [hidden_act]
+    layer_norm_eps: float = 1e-5  # [layer_norm_eps]
+    projection_dim: int = 768  # [projection_dim] (top level of CLIPModel's config): visual_projection's output
+    channels: int = 3  # [num_channels]
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+
+    @property
+    def num_positions(self) -> int:
+        """Class token + (image_size / patch_size)^2 patches."""
+        return 1 + (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, cfg: dict, projection_dim: int | None = None) -> "CLIPVisionConfig":
+        """Read a transformers `vision_config` dict (missing keys keep our defaults)."""
+        kw = {ours: cfg[theirs] for ours, theirs in HF_VISION_NAMES.items() if theirs in cfg}
+        if projection_dim is not None:
+            kw["projection_dim"] = projection_dim
+        return cls(**kw)
+
+
+VISION_PRESETS: dict[str, CLIPVisionConfig] = {
+    # OpenAI CLIP ViT-L/14 at 224 px (openai/clip-vit-large-patch14 vision_config).
+    "vit_l_14": CLIPVisionConfig(),
+    # OpenCLIP ViT-H/14 (open_clip ViT-H-14.json vision_cfg: width 1280, head_width 80, 32 layers).
+    "vit_h_14": CLIPVisionConfig(width=1280, layers=32, heads=16, mlp_width=5120, act="gelu", projection_dim=1024),
+}
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """A two-tower CLIP: both towers project into the same `projection_dim`-wide embedding space."""
+
+    text: CLIPTextConfig
+    vision: CLIPVisionConfig
+
+    def __post_init__(self):
+        if not self.text.projection_dim or self.text.projection_dim != self.vision.projection_dim:
+            raise ValueError(
+                f"text and vision projection_dim must be equal and > 0, got "
+                f"{self.text.projection_dim} and {self.vision.projection_dim}."
+            )
+
+
+CLIP_PRESETS: dict[str, CLIPConfig] = {
+    "vit_l_14": CLIPConfig(PRESETS["vit_l_14"], VISION_PRESETS["vit_l_14"]),  # 427,616,513 parameters
+    "vit_h_14": CLIPConfig(PRESETS["vit_h_14"], VISION_PRESETS["vit_h_14"]),  # 986,109,441 parameters
+}
+
+
+def get_clip_config(preset: str | CLIPConfig) -> CLIPConfig:
+    """A name from CLIP_PRESETS or a CLIPConfig passed through. Raises ValueError on an unknown name."""
+    if isinstance(preset, CLIPConfig):
+        return preset
+    if preset not in CLIP_PRESETS:
+        raise ValueError(f"unknown CLIP preset {preset!r}: choose one of {sorted(CLIP_PRESETS)}.")
+    return CLIP_PRESETS[preset]
+
+
 # ----------------------------------------------------------------------------------------------
-# Transformer blocks shared by the text tower and (later) the vision tower
+# Transformer blocks shared by the text tower and the vision tower
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +286,33 @@ class CLIPTextTransformer(nn.Module):
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_width, cfg.act, cfg.layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.cfg = cfg
+
+    def pooled(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, width): final_layer_norm(last layer) at the end-of-text token (`pooler_output`)."""
+        check_input_ids(input_ids, self.cfg)
+        x = self.final_layer_norm(self.encoder(self.embeddings(input_ids), causal=True))
+        return pool_eos(x, input_ids)
+
+
+def check_input_ids(ids: torch.Tensor, cfg: CLIPTextConfig) -> None:
+    """Raise ValueError unless ids is a (B, L) integer tensor, L <= max_positions, ids in [0, vocab_size)."""
+    if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be a (B, L) integer tensor, got {ids.dtype} {tuple(ids.shape)}.")
+    if ids.shape[1] > cfg.max_positions:
+        raise ValueError(f"input_ids has {ids.shape[1]} tokens, more than max_positions={cfg.max_positions}.")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{ids.min()}, {ids.max()}].")
+
+
+def pool_eos(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Features at the end-of-text token: (B, L, D), (B, L) -> (B, D).
+
+    The EOS token has the largest id in CLIP's vocabulary (49407), so its position is the argmax
+    of the ids (the first one if the padding is EOS too), as in CLIP, OpenCLIP, and transformers
+    when config.json has the legacy `eos_token_id: 2` (SD1.5 and SDXL text encoders do).
+    """
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), input_ids.argmax(dim=-1)]
 
 
 class CLIPTextModel(nn.Module):
@@ -215,13 +338,8 @@ class CLIPTextModel(nn.Module):
         Raises:
             ValueError: wrong ids shape / dtype / range, or clip_skip out of range.
         """
-        cfg, ids = self.cfg, input_ids
-        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be a (B, L) integer tensor, got {ids.dtype} {tuple(ids.shape)}.")
-        if ids.shape[1] > cfg.max_positions:
-            raise ValueError(f"input_ids has {ids.shape[1]} tokens, more than max_positions={cfg.max_positions}.")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{ids.min()}, {ids.max()}].")
+        cfg = self.cfg
+        check_input_ids(input_ids, cfg)
         if not 0 <= clip_skip <= cfg.layers:
             raise ValueError(f"clip_skip must be in [0, {cfg.layers}], got {clip_skip}.")
         x = self.text_model.embeddings(input_ids)  # (B, L, D)
@@ -238,15 +356,7 @@ class CLIPTextModel(nn.Module):
         x = self.run_layers(input_ids, clip_skip)
         return self.text_model.final_layer_norm(x) if final_norm else x
 
-    @staticmethod
-    def pool(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Features at the end-of-text token: (B, L, D), (B, L) -> (B, D).
-
-        The EOS token has the largest id in CLIP's vocabulary (49407), so its position is the argmax
-        of the ids (the first one if the padding is EOS too), as in CLIP and in transformers when
-        config.json has the legacy `eos_token_id: 2` (SD1.5 and SDXL text encoders do).
-        """
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), input_ids.argmax(dim=-1)]
+    pool = staticmethod(pool_eos)  # features at the end-of-text token: (B, L, D), (B, L) -> (B, D)
 
     def encode(
         self, input_ids: torch.Tensor, clip_skip: int = 0, final_norm: bool = True
@@ -269,6 +379,105 @@ class CLIPTextModel(nn.Module):
         if self.cfg.projection_dim:
             pooled = self.text_projection(pooled)
         return hidden, pooled
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision tower and the two-tower CLIPModel
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Class token + non-overlapping patches (a bias-free conv), plus a learned position embedding."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
+        self.patch_embedding = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.width)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, 1 + (S / patch)^2, width), patches in row-major order."""
+        patches = rearrange(self.patch_embedding(pixel_values), "b d h w -> b (h w) d")
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class CLIPVisionTransformer(nn.Module):
+    """`vision_model`: embeddings -> pre_layrnorm -> encoder (no mask) -> post_layernorm of the class token."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)  # sic, transformers' key name
+        self.encoder = CLIPEncoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_width, cfg.act, cfg.layer_norm_eps)
+        self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, channels, image_size, image_size) normalized pixels -> (B, width) (`pooler_output`).
+
+        Raises:
+            ValueError: pixel_values is not a float (B, channels, image_size, image_size) tensor.
+        """
+        cfg = self.cfg
+        expected = (cfg.channels, cfg.image_size, cfg.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected or not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a float (B, {', '.join(map(str, expected))}) tensor, got "
+                f"{pixel_values.dtype} {tuple(pixel_values.shape)}: preprocess images to {cfg.image_size} px first."
+            )
+        x = self.embeddings(pixel_values.to(self.pre_layrnorm.weight.dtype))
+        x = self.encoder(self.pre_layrnorm(x), causal=False)
+        return self.post_layernorm(x[:, 0])
+
+
+class CLIPVisionModel(nn.Module):
+    """CLIP image tower with its projection (transformers' `CLIPVisionModelWithProjection`).
+
+    Keys `vision_model.*` and `visual_projection.weight`, the image half of a CLIPModel checkpoint,
+    so it loads from a full CLIPModel file without the text tower's memory (see load_clip_vision).
+    """
+
+    def __init__(self, cfg: CLIPVisionConfig = VISION_PRESETS["vit_l_14"]):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = CLIPVisionTransformer(cfg)
+        self.visual_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, projection_dim) image embeddings (not normalized)."""
+        return self.visual_projection(self.vision_model(pixel_values))
+
+
+class CLIPModel(nn.Module):
+    """Two-tower CLIP in transformers' `CLIPModel` layout (see the module docstring).
+
+    get_image_features / get_text_features return the projected, unnormalized embeddings;
+    forward returns `logit_scale.exp() * cosine` for every (image, text) pair.
+    """
+
+    def __init__(self, cfg: str | CLIPConfig = "vit_h_14"):
+        super().__init__()
+        cfg = get_clip_config(cfg)
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg.text)
+        self.text_projection = nn.Linear(cfg.text.width, cfg.text.projection_dim, bias=False)
+        self.vision_model = CLIPVisionTransformer(cfg.vision)
+        self.visual_projection = nn.Linear(cfg.vision.width, cfg.vision.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized pixels -> (B, projection_dim). Raises ValueError on a wrong shape."""
+        return self.visual_projection(self.vision_model(pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids (one EOS = the largest id per row) -> (B, projection_dim). ValueError on bad ids."""
+        return self.text_projection(self.text_model.pooled(input_ids))
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """logits_per_image (B_images, B_texts) = logit_scale.exp() * cosine(image, text)."""
+        img = F.normalize(self.get_image_features(pixel_values), dim=-1)
+        txt = F.normalize(self.get_text_features(input_ids), dim=-1)
+        return self.logit_scale.exp() * img @ txt.T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +542,186 @@ def load_text_encoder(
     return model.eval().requires_grad_(False)
 
 
+# OpenCLIP (open_clip / HPSv2) names -> transformers CLIPModel names, used by open_clip_to_hf.
+OPEN_CLIP_MODULES = {  # whole modules or tensors outside the transformer blocks
+    "visual.conv1": "vision_model.embeddings.patch_embedding",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre": "vision_model.pre_layrnorm",
+    "visual.ln_post": "vision_model.post_layernorm",
+    "token_embedding": "text_model.embeddings.token_embedding",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final": "text_model.final_layer_norm",
+}
+OPEN_CLIP_BLOCK = {  # inside `[visual.]transformer.resblocks.{i}.`; attn.in_proj_{weight,bias} is split
+    "ln_1": "layer_norm1",
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+OPEN_CLIP_PROJECTIONS = {  # stored as (width, dim) matrices applied as x @ proj: transpose into nn.Linear
+    "visual.proj": "visual_projection.weight",
+    "text_projection": "text_projection.weight",
+}
+_OPEN_CLIP_BLOCK_KEY = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
+
+
+def open_clip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one map from an OpenCLIP `CLIP` state dict to the transformers CLIPModel layout.
+
+    - a `module.` prefix (checkpoints saved from a DistributedDataParallel wrapper) is removed;
+    - `attn.in_proj_weight` (3 D, D) / `attn.in_proj_bias` (3 D,) of nn.MultiheadAttention are the
+      q, k, v projections stacked in that order: split into q_proj / k_proj / v_proj;
+    - `visual.proj` and `text_projection` (width, dim) become bias-free Linear weights (dim, width);
+    - the causal `attn_mask` buffer some saves contain is dropped (our text tower builds it);
+    - every other name is renamed with OPEN_CLIP_MODULES / OPEN_CLIP_BLOCK; `logit_scale` keeps its
+      name. Unknown keys pass through unchanged, so a strict load reports them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        key = key.removeprefix("module.")
+        if key == "attn_mask" or key.endswith(".attn_mask"):
+            continue
+        if key in OPEN_CLIP_PROJECTIONS:
+            out[OPEN_CLIP_PROJECTIONS[key]] = value.T.contiguous()
+            continue
+        block = _OPEN_CLIP_BLOCK_KEY.fullmatch(key)
+        if block:
+            visual, index, name = block.groups()
+            prefix = f"{'vision_model' if visual else 'text_model'}.encoder.layers.{index}."
+            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = name.rsplit("_", 1)[1]  # weight / bias
+                for proj, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{prefix}self_attn.{proj}_proj.{kind}"] = part.contiguous()
+                continue
+            out[prefix + _rename_prefix(name, OPEN_CLIP_BLOCK)] = value
+            continue
+        out[_rename_prefix(key, OPEN_CLIP_MODULES)] = value
+    return out
+
+
+def _rename_prefix(key: str, renames: dict[str, str]) -> str:
+    """Replace the first `old` of renames that is the whole key or a dotted prefix of it."""
+    for old, new in renames.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return key
+
+
+def to_clip_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPModel state dict in either layout -> the transformers layout of CLIPModel.
+
+    OpenCLIP checkpoints (recognised by `visual.conv1.weight`, maybe under `module.`) go through
+    open_clip_to_hf; transformers checkpoints lose the non-trainable `*.embeddings.position_ids`
+    buffers older exports contain.
+    """
+    if any(k.removeprefix("module.") == "visual.conv1.weight" for k in sd):
+        return open_clip_to_hf(sd)
+    drop = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+    return {k: v for k, v in sd.items() if k not in drop}
+
+
+def _read_clip_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """load_state_dict, plus transformers folders that only hold a pickled `pytorch_model.bin`."""
+    path = Path(path)
+    if (path.is_dir() and (path / "pytorch_model.bin").is_file()
+            and not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json"))):
+        path = path / "pytorch_model.bin"
+    return to_clip_keys(load_state_dict(path))
+
+
+def _config_diff(raw: dict, names: dict[str, str], ours) -> list[str]:
+    """Fields whose config.json value (only keys present in raw) differs from our config."""
+    return [f"{theirs}: config.json {raw[theirs]!r} vs preset {getattr(ours, mine)!r}"
+            for mine, theirs in names.items() if theirs in raw and raw[theirs] != getattr(ours, mine)]
+
+
+def _check_clip_folder_config(folder: Path, vision: CLIPVisionConfig, text: CLIPTextConfig | None) -> None:
+    """If the folder has a transformers config.json, the keys it sets must match our preset.
+
+    Only keys present are compared: old exports omit values equal to transformers' defaults, and the
+    tensor shapes are checked by the strict load anyway (heads and activation are not in the shapes).
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    raw = json.loads(path.read_text())
+    if "vision_config" in raw or "vision_config_dict" in raw:  # a CLIPModel config
+        vision_raw = raw.get("vision_config") or raw.get("vision_config_dict") or {}
+        text_raw = raw.get("text_config") or raw.get("text_config_dict") or {}
+    else:  # a bare vision (CLIPVisionModelWithProjection) config
+        vision_raw, text_raw = raw, {}
+    diff = _config_diff(vision_raw, HF_VISION_NAMES, vision)
+    if text is not None:
+        diff += _config_diff(text_raw, HF_TEXT_NAMES, text)
+    if "projection_dim" in raw and raw["projection_dim"] != vision.projection_dim:
+        diff.append(f"projection_dim: config.json {raw['projection_dim']!r} vs preset {vision.projection_dim!r}")
+    if diff:
+        raise CheckpointError(f"{path} does not match the chosen preset ({', '.join(diff)}): pick the matching preset.")
+
+
+def _build(module_cls, cfg, dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        model = module_cls(cfg)
+    return model.to_empty(device="cpu").to(dtype)  # uninitialised storage; every tensor is overwritten by the load
+
+
+def load_clip(
+    path: str | os.PathLike, preset: str | CLIPConfig = "vit_h_14", dtype: torch.dtype = torch.float32
+) -> CLIPModel:
+    """Build a CLIPModel and strictly load its weights, in eval mode with gradients off.
+
+    Args:
+        path: a transformers CLIPModel folder (model.safetensors, maybe sharded, or pytorch_model.bin;
+            its config.json, if any, is checked against the preset), a `.safetensors` file, or an
+            OpenCLIP checkpoint (`.pt` / `.pth` / `.bin`, maybe under 'state_dict' and `module.`,
+            e.g. HPS_v2.1_compressed.pt), mapped with open_clip_to_hf.
+        preset: a name from CLIP_PRESETS ("vit_h_14": PickScore / HPSv2.1, "vit_l_14": OpenAI ViT-L/14)
+            or a CLIPConfig.
+        dtype: parameter dtype.
+
+    Raises:
+        CheckpointError: missing path, missing / unexpected keys, wrong shapes, or a config.json that
+            does not match the preset.
+        ValueError: unknown preset.
+    """
+    cfg = get_clip_config(preset)
+    if Path(path).is_dir():
+        _check_clip_folder_config(Path(path), cfg.vision, cfg.text)
+    sd = _read_clip_checkpoint(path)
+    model = _build(CLIPModel, cfg, dtype)
+    load_into(model, sd, what=f"CLIPModel ({preset if isinstance(preset, str) else 'custom config'})")
+    return model.eval().requires_grad_(False)
+
+
+def load_clip_vision(
+    path: str | os.PathLike, preset: str | CLIPVisionConfig | CLIPConfig = "vit_l_14",
+    dtype: torch.dtype = torch.float32,
+) -> CLIPVisionModel:
+    """The image tower with its projection, from a full CLIPModel checkpoint (any layout load_clip
+    reads) or a CLIPVisionModelWithProjection one; text-tower keys are ignored.
+
+    preset: a name from VISION_PRESETS (= the CLIP_PRESETS names), a CLIPVisionConfig, or a CLIPConfig
+    (its vision half). Raises: as load_clip.
+    """
+    if isinstance(preset, CLIPConfig):
+        cfg = preset.vision
+    elif isinstance(preset, CLIPVisionConfig):
+        cfg = preset
+    elif preset in VISION_PRESETS:
+        cfg = VISION_PRESETS[preset]
+    else:
+        raise ValueError(f"unknown CLIP vision preset {preset!r}: choose one of {sorted(VISION_PRESETS)}.")
+    if Path(path).is_dir():
+        _check_clip_folder_config(Path(path), cfg, None)
+    sd = _read_clip_checkpoint(path)
+    sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
+    model = _build(CLIPVisionModel, cfg, dtype)
+    load_into(model, sd, what=f"CLIPVisionModel ({preset if isinstance(preset, str) else 'custom config'})")
+    return model.eval().requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -354,6 +743,8 @@ class CLIPTokenizer:
         merges: BPE merges in priority order (merges.txt without its `#version` header).
         pad_token: "<|endoftext|>" for SD1.5's tokenizer, "!" for SDXL's tokenizer_2.
         max_length: 77 for every CLIP text tower.
+        pad_id: pad with this id instead, without registering any pad token as special (OpenCLIP's
+            tokenizer pads with 0 while a "!" in a prompt stays "!</w>"); None = the id of pad_token.
 
     Unlike OpenAI's original tokenizer (but like transformers' one, which diffusers uses) there is no
     ftfy text repair and no HTML unescaping. Like transformers, the bos / eos / pad tokens are
@@ -365,13 +756,16 @@ class CLIPTokenizer:
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]],
-                 pad_token: str = EOS_TOKEN, max_length: int = 77):
+                 pad_token: str = EOS_TOKEN, max_length: int = 77, pad_id: int | None = None):
+        if pad_id is not None:
+            pad_token = EOS_TOKEN  # only the id is used: nothing else becomes special
         for tok in (BOS_TOKEN, EOS_TOKEN, pad_token):
             if tok not in vocab:
                 raise ValueError(f"special token {tok!r} is not in the vocabulary.")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (start + end token), got {max_length}.")
-        self.bos_id, self.eos_id, self.pad_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN], vocab[pad_token]
+        self.bos_id, self.eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
+        self.pad_id = vocab[pad_token] if pad_id is None else pad_id
         self.max_length = max_length
 
         bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=EOS_TOKEN)
@@ -392,7 +786,7 @@ class CLIPTokenizer:
             special_tokens=[(BOS_TOKEN, self.bos_id), (EOS_TOKEN, self.eos_id)],
         )
         tk.enable_truncation(max_length)  # counts the two added tokens: at most max_length - 2 text tokens
-        tk.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad_token)
+        tk.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad_token)  # the id is what counts
         self.tokenizer = tk
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
@@ -416,21 +810,60 @@ def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     return merges
 
 
-def load_tokenizer(folder: str | os.PathLike, pad_token: str | None = None, max_length: int = 77) -> CLIPTokenizer:
-    """Build a CLIPTokenizer from a diffusers `tokenizer/` (or `tokenizer_2/`) folder.
+def byte_alphabet() -> list[str]:
+    """CLIP's (= GPT-2's) byte -> printable character table, in vocabulary order.
 
-    Reads `vocab.json` and `merges.txt`; pad_token=None takes `pad_token` from tokenizer_config.json
-    or special_tokens_map.json when present, else "<|endoftext|>".
+    Printable Latin-1 bytes map to themselves and come first; the other 68 bytes (controls, space,
+    ...) map to chr(256), chr(257), ... in byte order and follow.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+CLIP_NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48894 merges of its BPE file (vocabulary 49408)
+
+
+def read_bpe_file(path: str | os.PathLike) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges from OpenAI CLIP's / OpenCLIP's `bpe_simple_vocab_16e6.txt.gz`.
+
+    The file is a header line, then one merge a line. The vocabulary is built as CLIP builds it:
+    the 256 byte symbols, the same with `</w>`, the concatenation of each merge, then the start and
+    end tokens (ids 49406, 49407 with the full file).
+    """
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:1 + CLIP_NUM_MERGES]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    bad = [m for m in merges if len(m) != 2]
+    if bad:
+        raise ValueError(f"{path}: expected two symbols a line, got {' '.join(bad[0])!r}.")
+    units = byte_alphabet()
+    tokens = units + [u + "</w>" for u in units] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def load_tokenizer(
+    folder: str | os.PathLike, pad_token: str | None = None, max_length: int = 77, pad_id: int | None = None
+) -> CLIPTokenizer:
+    """Build a CLIPTokenizer from a diffusers `tokenizer/` (or `tokenizer_2/`) folder or a BPE file.
+
+    A folder: reads `vocab.json` and `merges.txt`; pad_token=None takes `pad_token` from
+    tokenizer_config.json or special_tokens_map.json when present, else "<|endoftext|>".
+    A `.txt.gz` file: OpenAI's / OpenCLIP's `bpe_simple_vocab_16e6.txt.gz` (see read_bpe_file).
+    pad_id: see CLIPTokenizer (0 reproduces OpenCLIP's padding).
 
     Raises:
         FileNotFoundError: the folder, vocab.json or merges.txt is missing (the message names the file).
     """
     folder = Path(folder)
+    if folder.is_file() and folder.name.endswith(".gz"):
+        vocab, merges = read_bpe_file(folder)
+        return CLIPTokenizer(vocab, merges, pad_token=pad_token or EOS_TOKEN, max_length=max_length, pad_id=pad_id)
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).is_file():
             raise FileNotFoundError(
                 f"{folder / name} not found: a CLIP tokenizer folder needs vocab.json and merges.txt "
-                "(pass the checkpoint's tokenizer/ folder)."
+                "(pass the checkpoint's tokenizer/ folder, or CLIP's bpe_simple_vocab_16e6.txt.gz)."
             )
     if pad_token is None:
         pad_token = EOS_TOKEN
@@ -441,4 +874,5 @@ def load_tokenizer(folder: str | os.PathLike, pad_token: str | None = None, max_
                     pad_token = pad["content"] if isinstance(pad, dict) else pad
                     break
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    return CLIPTokenizer(vocab, read_merges(folder / "merges.txt"), pad_token=pad_token, max_length=max_length)
+    return CLIPTokenizer(vocab, read_merges(folder / "merges.txt"), pad_token=pad_token, max_length=max_length,
+                         pad_id=pad_id)

@@ -7,11 +7,8 @@ data file is read, open_clip is never imported):
     pip install --no-deps open-clip-torch==3.3.0
 """
 
-import gzip
-import importlib.util
 import json
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +25,6 @@ from npo_min.clip import (
     to_official_keys,
 )
 
-OPEN_CLIP_INSTALL = "pip install --no-deps open-clip-torch==3.3.0"
 TOL = 1e-5  # max abs error vs transformers in float32
 TINY = CLIPTextConfig(vocab_size=1000, width=64, layers=3, heads=4, mlp_width=256, projection_dim=32)
 
@@ -224,36 +220,7 @@ def test_load_errors(pair, tmp_path):
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def byte_alphabet() -> list[str]:
-    """CLIP's (= GPT-2's) byte -> printable character table, in vocabulary order.
-
-    Printable Latin-1 bytes map to themselves and come first; the other 68 bytes map to 256, 257, ...
-    in byte order and follow.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-@pytest.fixture(scope="module")
-def clip_vocab(tmp_path_factory) -> Path:
-    """A folder with CLIP's vocab.json and merges.txt, derived from open_clip's BPE file."""
-    spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"the CLIP BPE vocabulary ships with open-clip-torch: {OPEN_CLIP_INSTALL}")
-    bpe_file = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    if not bpe_file.exists():
-        pytest.skip(f"{bpe_file} is missing: reinstall with {OPEN_CLIP_INSTALL}")
-    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
-    merges = lines[1:1 + 49152 - 256 - 2]  # line 0 is a header; CLIP uses the first 48894 merges
-    units = byte_alphabet()
-    vocab = units + [u + "</w>" for u in units] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == len(set(vocab)) == 49408
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
+# `clip_vocab` (CLIP's vocab.json + merges.txt from open_clip's BPE file) is a fixture in conftest.py.
 
 
 PROMPTS = [
