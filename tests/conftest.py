@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from npo_min.sd15 import LDM_RESNET, ldm_unet_prefixes
 from npo_min.unet import UNetConfig
 from npo_min.vae import VAEConfig
 
@@ -96,6 +95,8 @@ def vae_kwargs(cfg: VAEConfig) -> dict:
 
 def diffusers_unet_to_ldm(sd: dict, cfg: UNetConfig) -> dict:
     """Inverse of sd15.ldm_unet_to_diffusers, to write single-file test checkpoints (tests only)."""
+    from npo_min.sd15 import LDM_RESNET, ldm_unet_prefixes  # imported here: the other tests do not need sd15
+
     pairs = sorted(ldm_unet_prefixes(cfg), key=lambda p: -len(p[1]))
     out = {}
     for key, value in sd.items():
