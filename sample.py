@@ -22,8 +22,9 @@ from npo_min.guidance import negative_model, offset
 
 MODEL_DEFAULTS = {
     "digits": {"weights": "weights/digits", "guidance_scale": 3.0, "steps": 25, "solver": "ddim", "spacing": "trailing"},
-    # SD1.5 as in the authors' evaluation (REFERENCE.md): DPM-Solver++ 25 steps, scale 7.5.
-    "sd15": {"weights": None, "guidance_scale": 7.5, "steps": 25, "solver": "dpmpp_2m", "spacing": "leading"},
+    # SD1.5 as in the authors' evaluation (REFERENCE.md): DPM-Solver++ 25 steps, scale 7.5. Their diffusers
+    # DPMSolverMultistep used "linspace" spacing (999, 959, ..., 40); "trailing" (999, ..., 39) is the nearest here.
+    "sd15": {"weights": None, "guidance_scale": 7.5, "steps": 25, "solver": "dpmpp_2m", "spacing": "trailing"},
 }
 
 
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--num-per-class", type=int, default=8, help="digits: samples per class in the grid")
     p.add_argument("--prompts", default=None, help="sd15: text file, one prompt per line")
     p.add_argument("--tokenizer", default=None, help="sd15: tokenizer folder (vocab.json, merges.txt) for single-file weights")
+    p.add_argument("--sd15-config", default=None, choices=["sd15", "tiny"], help="sd15: architecture preset (default: sd15 or config.json)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--height", type=int, default=512, help="sd15: image height in pixels")
     p.add_argument("--width", type=int, default=512, help="sd15: image width in pixels")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="sd15: weights dtype")

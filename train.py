@@ -64,6 +64,8 @@ def parse_args(argv=None):
     o.add_argument("--seed", type=int, default=0, help="random seed")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sd = p.add_argument_group("sd15 only")
+    sd.add_argument("--tokenizer", default=None, help="tokenizer folder (vocab.json, merges.txt) for single-file weights")
+    sd.add_argument("--sd15-config", default=None, choices=["sd15", "tiny"], help="architecture preset (default: sd15, or the folder's config.json)")
     sd.add_argument("--resolution", type=int, default=512, help="training resolution in pixels")
     sd.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights / autocast dtype")
     sd.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")

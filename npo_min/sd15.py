@@ -33,6 +33,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import training
+from .prompts import read_prompts
 from .checkpoint import CheckpointError, atomic_write, check_writable, load_into, load_state_dict, read_metadata
 from .clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, load_text_encoder, load_tokenizer, to_official_keys
 from .delta import FORMAT as DELTA_FORMAT, load_delta
@@ -530,19 +531,17 @@ def sample_main(args) -> list[Path]:
     theta_neg = theta + alpha * eta + beta * delta (Diffusion-NPO Eq. 10; delta from --neg-ckpt).
     "npo": CFG with theta_pos on c and theta_neg on c' = "" (two passes per step, as the authors);
     "base": plain CFG with theta_pos on both. Prompt i uses noise seeded with seed + i (any --batch-size). Writes
-    `{i:04d}_base.png`, `{i:04d}_npo.png` and grid.png (base | npo, first GRID_ROWS prompts) under
+    `base/{i:04d}.png`, `npo/{i:04d}.png` (so `eval.score --a OUT/npo --b OUT/base` pairs them) and grid.png (base | npo, first GRID_ROWS prompts) under
     --out, atomically; existing files are refused unless --overwrite, before any work.
     Offsets are composed in float32, then the models cast to --dtype. Default spacing "trailing" (999, ..., 39) is
     the nearest in solvers.py to the authors' "linspace" (999, 959, ..., 40: DPMSolverMultistep from SD1.5's config).
     """
-    from eval.score import read_prompts  # the reader eval.score pairs images with: line i = image i
-
     prompts = read_prompts(args.prompts)  # .txt (one a line), .jsonl / .csv ("prompt" or "caption")
     if not (getattr(args, "neg_ckpt", None) or getattr(args, "pos_ckpt", None)):
         raise ValueError("nothing to compare: pass --neg-ckpt (an NPO delta / LoRA / UNet) and/or --pos-ckpt.")
     height, width = getattr(args, "height", 512), getattr(args, "width", 512)
     out, overwrite = Path(args.out), getattr(args, "overwrite", False)
-    names = [f"{i:04d}_{kind}.png" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
+    names = [f"{kind}/{i:04d}.png" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
     files = [check_writable(out / name, overwrite) for name in names]
     device, dtype = torch.device(getattr(args, "device", "cpu")), DTYPES[getattr(args, "dtype", "fp32")]
 
@@ -579,7 +578,7 @@ def sample_main(args) -> list[Path]:
             with torch.no_grad():
                 images[kind] = [to_pil(x) for x in decode_latents(vae, latents)]
             for j, img in enumerate(images[kind]):
-                save_png(img, out / f"{first + j:04d}_{kind}.png")
+                save_png(img, out / kind / f"{first + j:04d}.png")
         pairs = (pairs + list(zip(images["base"], images["npo"])))[:GRID_ROWS]
     grid = Image.new("RGB", (2 * width, len(pairs) * height))
     for r, (base_img, npo_img) in enumerate(pairs):

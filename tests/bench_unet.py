@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from npo_min.unet import PRESETS, UNet2DConditionModel
 
 CFG = PRESETS["sd15"]
@@ -131,7 +132,7 @@ def main(argv=None):
 
         for mode in ("fwd", "fwd+bwd"):
             for kind in ("ours", "diffusers"):
-                cmd = [sys.executable, "-m", "eval.bench_unet", "--size", str(args.size), "--threads", str(args.threads),
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--size", str(args.size), "--threads", str(args.threads),
                        "--worker", kind, weights, mode]
                 run = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
                 results[mode][kind].update(json.loads(run.stdout.strip().splitlines()[-1]))

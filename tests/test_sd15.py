@@ -327,7 +327,8 @@ def test_train_then_sample_cli(ckpt, bundle, tmp_path):
     run_cli("sample.py", "--model", "sd15", "--weights", str(ckpt["folder"]), "--neg-ckpt", str(out / "delta.safetensors"),
             "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "samples"), "--steps", "2",
             "--height", "64", "--width", "64", "--device", "cpu")
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["0000_base.png", "0000_npo.png", "grid.png"]
+    found = sorted(str(p.relative_to(tmp_path / "samples")) for p in (tmp_path / "samples").rglob("*.png"))
+    assert found == ["base/0000.png", "grid.png", "npo/0000.png"]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -349,9 +350,10 @@ def test_sample_main_writes_pairs_and_matches_diffusers_pipeline(ckpt, bundle, t
     args = sample_args(ckpt, tmp_path, neg_ckpt=str(tmp_path / "npo_lora.safetensors"))
     files = sample_main(args)
     out = Path(args.out)
-    assert sorted(p.name for p in out.iterdir()) == ["0000_base.png", "0000_npo.png", "0001_base.png", "0001_npo.png", "grid.png"]
-    assert sorted(files) == sorted(out.iterdir())
-    base0, npo0 = (np.asarray(Image.open(out / f"0000_{k}.png")) for k in ("base", "npo"))
+    written = sorted(p for p in out.rglob("*.png"))
+    assert [str(p.relative_to(out)) for p in written] == ["base/0000.png", "base/0001.png", "grid.png", "npo/0000.png", "npo/0001.png"]
+    assert sorted(files) == written
+    base0, npo0 = (np.asarray(Image.open(out / k / "0000.png")) for k in ("base", "npo"))
     assert base0.shape == (64, 64, 3) and np.abs(base0.astype(int) - npo0).max() > 0
     assert Image.open(out / "grid.png").size == (128, 128)
     # "base" is plain CFG with the base model: the diffusers pipeline, same components, noise and solver
@@ -365,7 +367,7 @@ def test_sample_main_writes_pairs_and_matches_diffusers_pipeline(ckpt, bundle, t
     with torch.no_grad():
         image = pipe("an oil painting of a castle", height=64, width=64, num_inference_steps=15, guidance_scale=7.5,
                      latents=noise, output_type="np").images[0]
-    ours = np.asarray(Image.open(out / "0001_base.png")).astype(int)
+    ours = np.asarray(Image.open(out / "base" / "0001.png")).astype(int)
     diff = np.abs(ours - (image * 255).round().astype(int))
     print(f"sample_main base vs StableDiffusionPipeline: max {diff.max()} / 255, {(diff > 0).mean():.2%} of values differ")
     assert diff.max() <= 1
