@@ -25,15 +25,10 @@ plain state dict of the ImageReward package's `ImageReward` module, so it loads 
     blip.text_encoder.encoder.layer.{i}.{intermediate.dense, output.dense, output.LayerNorm}.*
     mlp.layers.{0,2,4,6,7}.{weight,bias}                        (1, 3, 5 are the Dropout slots)
 
-plus the keys in IGNORED_KEYS, which inference does not use. The ViT is BLIP's timm-style one
-(pre-LayerNorm blocks, fused qkv, exact GELU, LayerNorm eps 1e-6); the text tower is BLIP's `med.py`
-BertModel (post-LayerNorm BERT, exact GELU, eps 1e-12, learned absolute positions, no token-type
-embeddings) run bidirectionally in its default 'multimodal' mode.
-
-The tokenizer is bert-base-uncased's WordPiece built with the `tokenizers` library from a `vocab.txt`
-(30522 lines). BLIP's `init_tokenizer` adds `[DEC]` (bos) and `[ENC]` as special tokens, ids 30522
-and 30523 (hence 30524 word embeddings). ImageReward's `score` keeps [CLS] as the first token: unlike
-BLIP's retrieval heads it does not replace it by [ENC].
+plus IGNORED_KEYS, which inference does not use. The ViT is BLIP's (pre-LayerNorm, fused qkv, exact
+GELU, eps 1e-6); the text tower is BLIP's `med.py` BertModel (post-LayerNorm, eps 1e-12, no token-type
+embeddings) run bidirectionally. The WordPiece tokenizer (bert-base-uncased `vocab.txt`, 30522 lines,
+plus BLIP's `[DEC]` / `[ENC]` as ids 30522 / 30523) keeps [CLS] first, as ImageReward's `score` does.
 
 Use:  scorer = load_imagereward("weights/imagereward");  scorer.score(images, prompts) -> (N,)
 """
@@ -44,7 +39,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -52,9 +46,9 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import nn
 
+from eval.scorers import resize_shortest_center_crop, to_normalized_tensor
 from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
 
-# ----------------------------------------------------------------------------------------------
 # Config
 
 
@@ -110,7 +104,6 @@ def get_config(preset: str | ImageRewardConfig) -> ImageRewardConfig:
     return PRESETS[preset]
 
 
-# ----------------------------------------------------------------------------------------------
 # Vision tower: BLIP's ViT (`blip.visual_encoder`)
 
 
@@ -202,7 +195,6 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-# ----------------------------------------------------------------------------------------------
 # Text tower: BLIP's med.py BertModel with cross-attention (`blip.text_encoder`)
 
 
@@ -350,7 +342,6 @@ class BertModel(nn.Module):
         return x
 
 
-# ----------------------------------------------------------------------------------------------
 # Reward head and the whole model
 
 
@@ -413,7 +404,6 @@ class ImageRewardModel(nn.Module):
         return ((raw - self.cfg.reward_mean) / self.cfg.reward_std).squeeze(1)
 
 
-# ----------------------------------------------------------------------------------------------
 # Tokenizer
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -492,40 +482,22 @@ class BertTokenizer:
         return ids, mask
 
 
-# ----------------------------------------------------------------------------------------------
 # Image preprocessing
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
     """PIL image -> (3, size, size) float32, exactly as ImageReward's torchvision transform:
 
-    Resize(size, BICUBIC) (shortest side to `size`, the other int(size * long / short)), CenterCrop(size)
-    (offsets rounded with Python's round), convert("RGB") (after the crop, as upstream), ToTensor
-    (/255), Normalize(CLIP mean, std). Square inputs are just resized. Pillow does the resampling,
-    so RGBA / palette images behave as they do upstream.
+    Resize(size, BICUBIC) (shortest side), CenterCrop(size) (offsets rounded with Python's round),
+    convert("RGB") (after the crop, as upstream), ToTensor, Normalize(CLIP mean, std).
 
     Raises:
         TypeError: not a PIL image.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}.")
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return to_normalized_tensor(resize_shortest_center_crop(image, size, crop_rounding="round").convert("RGB"))
 
 
-# ----------------------------------------------------------------------------------------------
 # Loading and scoring
 
 DEFAULT_DIR = "weights/imagereward"

@@ -126,7 +126,7 @@ def main(argv=None):
     for name, c in cost.items():
         cost_lines.append(f"| {name} | {c['k']} | {c['steps']} | {c['lr']:g} | {c['train_seconds']:.0f} | "
                           f"{c['train_seconds'] / c['steps']:.2f} | {c['delta_norm']:.4f} |")
-    report = f"## Training cost\n\n" + "\n".join(cost_lines) + f"\n\n## Evaluation\n\n```\n{table}\n```\n"
+    report = "## Training cost\n\n" + "\n".join(cost_lines) + f"\n\n## Evaluation\n\n```\n{table}\n```\n"
     print(report)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report))
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(

@@ -8,7 +8,7 @@ the CPU, batched internally. All three see 224 x 224 images normalized with CLIP
   CLIPImageProcessor); score = logit_scale.exp() * cosine(image, text), about 21-23 on
   Pick-a-Pic.
 - HPSv2.1 (Wu et al. 2023): OpenCLIP ViT-H/14 (`HPS_v2.1_compressed.pt`, mapped with
-  npo_min.clip.open_clip_to_hf); longest side -> 224 bicubic, pad to a square with black, as
+  eval.clip_checkpoints.open_clip_to_hf); longest side -> 224 bicubic, pad to a square with black, as
   HPSv2's `ResizeMaxSize`; OpenCLIP's tokenizer (pads with id 0, HTML entities unescaped);
   score = 100 * cosine (HPSv2's own `score()` returns the cosine itself; papers print x100, ~27-30).
 - Aesthetic (LAION improved-aesthetic-predictor): OpenAI CLIP ViT-L/14 image embedding,
@@ -37,7 +37,9 @@ from PIL import Image
 from torch import nn
 
 from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
-from npo_min.clip import CLIPModel, CLIPTokenizer, CLIPVisionModel, load_clip, load_clip_vision, load_tokenizer
+from eval.clip_checkpoints import load_clip, load_clip_vision
+from npo_min.clip import CLIPModel, CLIPVisionModel
+from npo_min.clip_tokenizer import CLIPTokenizer, load_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

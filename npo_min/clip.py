@@ -1,4 +1,4 @@
-"""CLIP text encoder, CLIP ViT image tower, the two-tower CLIPModel, and CLIP's BPE tokenizer.
+"""CLIP text encoder, CLIP ViT image tower and the two-tower CLIPModel.
 
 The modules are named after transformers' `CLIPTextModel` checkpoint layout, so a diffusers
 `text_encoder/model.safetensors` loads strictly:
@@ -24,27 +24,23 @@ scorers) and the two-tower `CLIPModel` follow transformers' `CLIPModel` layout:
     vision_model.post_layernorm.{weight,bias}
     visual_projection.weight, text_model.*, text_projection.weight, logit_scale
 
-OpenCLIP checkpoints (HPSv2.1) use another layout; `open_clip_to_hf` is the one map from it.
+The scorers' two-tower checkpoints (HF CLIPModel folders, OpenCLIP `.pt` files such as HPSv2.1)
+load through `eval/clip_checkpoints.py`.
 
-The tokenizer is built with the `tokenizers` library from a checkpoint's own `vocab.json` and
-`merges.txt` (the diffusers `tokenizer/` folder) and reproduces what `transformers.CLIPTokenizer`
-returns with `padding="max_length", max_length=77, truncation=True`.
+The BPE tokenizer is in `npo_min/clip_tokenizer.py`.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import nn
 
 from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
@@ -98,8 +94,6 @@ PRESETS: dict[str, CLIPTextConfig] = {
     # open_clip ViT-H-14.json text_cfg: width 1024, 16 heads, 24 layers, mlp_ratio 4, exact GELU).
     "vit_h_14": CLIPTextConfig(width=1024, layers=24, heads=16, mlp_width=4096, act="gelu", projection_dim=1024),
 }
-
-BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 
 def get_config(preset: str | CLIPTextConfig) -> CLIPTextConfig:
@@ -540,339 +534,3 @@ def load_text_encoder(
     model = model.to_empty(device="cpu").to(dtype)  # uninitialised storage; every tensor is overwritten below
     load_into(model, sd, what=f"CLIPTextModel ({preset if isinstance(preset, str) else 'custom config'})")
     return model.eval().requires_grad_(False)
-
-
-# OpenCLIP (open_clip / HPSv2) names -> transformers CLIPModel names, used by open_clip_to_hf.
-OPEN_CLIP_MODULES = {  # whole modules or tensors outside the transformer blocks
-    "visual.conv1": "vision_model.embeddings.patch_embedding",
-    "visual.class_embedding": "vision_model.embeddings.class_embedding",
-    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.ln_pre": "vision_model.pre_layrnorm",
-    "visual.ln_post": "vision_model.post_layernorm",
-    "token_embedding": "text_model.embeddings.token_embedding",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final": "text_model.final_layer_norm",
-}
-OPEN_CLIP_BLOCK = {  # inside `[visual.]transformer.resblocks.{i}.`; attn.in_proj_{weight,bias} is split
-    "ln_1": "layer_norm1",
-    "attn.out_proj": "self_attn.out_proj",
-    "ln_2": "layer_norm2",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
-OPEN_CLIP_PROJECTIONS = {  # stored as (width, dim) matrices applied as x @ proj: transpose into nn.Linear
-    "visual.proj": "visual_projection.weight",
-    "text_projection": "text_projection.weight",
-}
-_OPEN_CLIP_BLOCK_KEY = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
-
-
-def open_clip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The one map from an OpenCLIP `CLIP` state dict to the transformers CLIPModel layout.
-
-    - a `module.` prefix (checkpoints saved from a DistributedDataParallel wrapper) is removed;
-    - `attn.in_proj_weight` (3 D, D) / `attn.in_proj_bias` (3 D,) of nn.MultiheadAttention are the
-      q, k, v projections stacked in that order: split into q_proj / k_proj / v_proj;
-    - `visual.proj` and `text_projection` (width, dim) become bias-free Linear weights (dim, width);
-    - the causal `attn_mask` buffer some saves contain is dropped (our text tower builds it);
-    - every other name is renamed with OPEN_CLIP_MODULES / OPEN_CLIP_BLOCK; `logit_scale` keeps its
-      name. Unknown keys pass through unchanged, so a strict load reports them.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        key = key.removeprefix("module.")
-        if key == "attn_mask" or key.endswith(".attn_mask"):
-            continue
-        if key in OPEN_CLIP_PROJECTIONS:
-            out[OPEN_CLIP_PROJECTIONS[key]] = value.T.contiguous()
-            continue
-        block = _OPEN_CLIP_BLOCK_KEY.fullmatch(key)
-        if block:
-            visual, index, name = block.groups()
-            prefix = f"{'vision_model' if visual else 'text_model'}.encoder.layers.{index}."
-            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = name.rsplit("_", 1)[1]  # weight / bias
-                for proj, part in zip("qkv", value.chunk(3, dim=0)):
-                    out[f"{prefix}self_attn.{proj}_proj.{kind}"] = part.contiguous()
-                continue
-            out[prefix + _rename_prefix(name, OPEN_CLIP_BLOCK)] = value
-            continue
-        out[_rename_prefix(key, OPEN_CLIP_MODULES)] = value
-    return out
-
-
-def _rename_prefix(key: str, renames: dict[str, str]) -> str:
-    """Replace the first `old` of renames that is the whole key or a dotted prefix of it."""
-    for old, new in renames.items():
-        if key == old or key.startswith(old + "."):
-            return new + key[len(old):]
-    return key
-
-
-def to_clip_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPModel state dict in either layout -> the transformers layout of CLIPModel.
-
-    OpenCLIP checkpoints (recognised by `visual.conv1.weight`, maybe under `module.`) go through
-    open_clip_to_hf; transformers checkpoints lose the non-trainable `*.embeddings.position_ids`
-    buffers older exports contain.
-    """
-    if any(k.removeprefix("module.") == "visual.conv1.weight" for k in sd):
-        return open_clip_to_hf(sd)
-    drop = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-    return {k: v for k, v in sd.items() if k not in drop}
-
-
-def _read_clip_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """load_state_dict, plus transformers folders that only hold a pickled `pytorch_model.bin`."""
-    path = Path(path)
-    if (path.is_dir() and (path / "pytorch_model.bin").is_file()
-            and not any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json"))):
-        path = path / "pytorch_model.bin"
-    return to_clip_keys(load_state_dict(path))
-
-
-def _config_diff(raw: dict, names: dict[str, str], ours) -> list[str]:
-    """Fields whose config.json value (only keys present in raw) differs from our config."""
-    return [f"{theirs}: config.json {raw[theirs]!r} vs preset {getattr(ours, mine)!r}"
-            for mine, theirs in names.items() if theirs in raw and raw[theirs] != getattr(ours, mine)]
-
-
-def _check_clip_folder_config(folder: Path, vision: CLIPVisionConfig, text: CLIPTextConfig | None) -> None:
-    """If the folder has a transformers config.json, the keys it sets must match our preset.
-
-    Only keys present are compared: old exports omit values equal to transformers' defaults, and the
-    tensor shapes are checked by the strict load anyway (heads and activation are not in the shapes).
-    """
-    path = folder / "config.json"
-    if not path.is_file():
-        return
-    raw = json.loads(path.read_text())
-    if "vision_config" in raw or "vision_config_dict" in raw:  # a CLIPModel config
-        vision_raw = raw.get("vision_config") or raw.get("vision_config_dict") or {}
-        text_raw = raw.get("text_config") or raw.get("text_config_dict") or {}
-    else:  # a bare vision (CLIPVisionModelWithProjection) config
-        vision_raw, text_raw = raw, {}
-    diff = _config_diff(vision_raw, HF_VISION_NAMES, vision)
-    if text is not None:
-        diff += _config_diff(text_raw, HF_TEXT_NAMES, text)
-    if "projection_dim" in raw and raw["projection_dim"] != vision.projection_dim:
-        diff.append(f"projection_dim: config.json {raw['projection_dim']!r} vs preset {vision.projection_dim!r}")
-    if diff:
-        raise CheckpointError(f"{path} does not match the chosen preset ({', '.join(diff)}): pick the matching preset.")
-
-
-def _build(module_cls, cfg, dtype: torch.dtype) -> nn.Module:
-    with torch.device("meta"):
-        model = module_cls(cfg)
-    return model.to_empty(device="cpu").to(dtype)  # uninitialised storage; every tensor is overwritten by the load
-
-
-def load_clip(
-    path: str | os.PathLike, preset: str | CLIPConfig = "vit_h_14", dtype: torch.dtype = torch.float32
-) -> CLIPModel:
-    """Build a CLIPModel and strictly load its weights, in eval mode with gradients off.
-
-    Args:
-        path: a transformers CLIPModel folder (model.safetensors, maybe sharded, or pytorch_model.bin;
-            its config.json, if any, is checked against the preset), a `.safetensors` file, or an
-            OpenCLIP checkpoint (`.pt` / `.pth` / `.bin`, maybe under 'state_dict' and `module.`,
-            e.g. HPS_v2.1_compressed.pt), mapped with open_clip_to_hf.
-        preset: a name from CLIP_PRESETS ("vit_h_14": PickScore / HPSv2.1, "vit_l_14": OpenAI ViT-L/14)
-            or a CLIPConfig.
-        dtype: parameter dtype.
-
-    Raises:
-        CheckpointError: missing path, missing / unexpected keys, wrong shapes, or a config.json that
-            does not match the preset.
-        ValueError: unknown preset.
-    """
-    cfg = get_clip_config(preset)
-    if Path(path).is_dir():
-        _check_clip_folder_config(Path(path), cfg.vision, cfg.text)
-    sd = _read_clip_checkpoint(path)
-    model = _build(CLIPModel, cfg, dtype)
-    load_into(model, sd, what=f"CLIPModel ({preset if isinstance(preset, str) else 'custom config'})")
-    return model.eval().requires_grad_(False)
-
-
-def load_clip_vision(
-    path: str | os.PathLike, preset: str | CLIPVisionConfig | CLIPConfig = "vit_l_14",
-    dtype: torch.dtype = torch.float32,
-) -> CLIPVisionModel:
-    """The image tower with its projection, from a full CLIPModel checkpoint (any layout load_clip
-    reads) or a CLIPVisionModelWithProjection one; text-tower keys are ignored.
-
-    preset: a name from VISION_PRESETS (= the CLIP_PRESETS names), a CLIPVisionConfig, or a CLIPConfig
-    (its vision half). Raises: as load_clip.
-    """
-    if isinstance(preset, CLIPConfig):
-        cfg = preset.vision
-    elif isinstance(preset, CLIPVisionConfig):
-        cfg = preset
-    elif preset in VISION_PRESETS:
-        cfg = VISION_PRESETS[preset]
-    else:
-        raise ValueError(f"unknown CLIP vision preset {preset!r}: choose one of {sorted(VISION_PRESETS)}.")
-    if Path(path).is_dir():
-        _check_clip_folder_config(Path(path), cfg, None)
-    sd = _read_clip_checkpoint(path)
-    sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
-    model = _build(CLIPVisionModel, cfg, dtype)
-    load_into(model, sd, what=f"CLIPVisionModel ({preset if isinstance(preset, str) else 'custom config'})")
-    return model.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-
-# CLIP's pre-tokenization: the special tokens, English contractions, runs of letters, single digits,
-# runs of other non-space characters. Everything else (whitespace) is dropped.
-CLIP_SPLIT_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"
-
-
-class CLIPTokenizer:
-    """CLIP's byte-level BPE tokenizer: `tokenizer(prompts) -> (B, max_length)` int64 ids.
-
-    Pipeline: NFC, whitespace runs -> one space, lowercase; split with CLIP_SPLIT_PATTERN; map each
-    UTF-8 byte to a printable unicode character (GPT-2 byte-level alphabet); BPE with merges where the
-    last symbol of a word carries the `</w>` suffix; then `<|startoftext|> ... <|endoftext|>`,
-    truncated to max_length keeping the end token, padded with `pad_token` to max_length.
-
-    Args:
-        vocab: token -> id (vocab.json).
-        merges: BPE merges in priority order (merges.txt without its `#version` header).
-        pad_token: "<|endoftext|>" for SD1.5's tokenizer, "!" for SDXL's tokenizer_2.
-        max_length: 77 for every CLIP text tower.
-        pad_id: pad with this id instead, without registering any pad token as special (OpenCLIP's
-            tokenizer pads with 0 while a "!" in a prompt stays "!</w>"); None = the id of pad_token.
-
-    Unlike OpenAI's original tokenizer (but like transformers' one, which diffusers uses) there is no
-    ftfy text repair and no HTML unescaping. Like transformers, the bos / eos / pad tokens are
-    registered as special tokens: their literal text in a prompt maps to their id (so with pad "!"
-    a "!" in a prompt becomes id 0, not "!</w>").
-
-    Raises:
-        ValueError: a special token is not in the vocabulary, or max_length < 2.
-    """
-
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]],
-                 pad_token: str = EOS_TOKEN, max_length: int = 77, pad_id: int | None = None):
-        if pad_id is not None:
-            pad_token = EOS_TOKEN  # only the id is used: nothing else becomes special
-        for tok in (BOS_TOKEN, EOS_TOKEN, pad_token):
-            if tok not in vocab:
-                raise ValueError(f"special token {tok!r} is not in the vocabulary.")
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (start + end token), got {max_length}.")
-        self.bos_id, self.eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
-        self.pad_id = vocab[pad_token] if pad_id is None else pad_id
-        self.max_length = max_length
-
-        bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=EOS_TOKEN)
-        tk = Tokenizer(bpe)
-        tk.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            # invert=True: the pattern describes the pieces to keep; what lies between them is removed.
-            pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
-            # The pieces are already split, so only the byte -> unicode mapping is needed here.
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-        specials = dict.fromkeys([BOS_TOKEN, EOS_TOKEN, pad_token])  # ordered, without duplicates
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-        tk.post_processor = processors.TemplateProcessing(
-            single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
-            special_tokens=[(BOS_TOKEN, self.bos_id), (EOS_TOKEN, self.eos_id)],
-        )
-        tk.enable_truncation(max_length)  # counts the two added tokens: at most max_length - 2 text tokens
-        tk.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad_token)  # the id is what counts
-        self.tokenizer = tk
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        """prompts: one string or a list of B strings -> (B, max_length) int64 ids."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        encodings = self.tokenizer.encode_batch(list(prompts))
-        return torch.tensor([e.ids for e in encodings], dtype=torch.int64).reshape(len(prompts), self.max_length)
-
-
-def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """Parse merges.txt: one `left right` pair a line; a `#version` header line and blank lines skipped."""
-    merges = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or (n == 1 and line.startswith("#version")):
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise ValueError(f"{path}:{n}: expected two symbols, got {line!r}.")
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-def byte_alphabet() -> list[str]:
-    """CLIP's (= GPT-2's) byte -> printable character table, in vocabulary order.
-
-    Printable Latin-1 bytes map to themselves and come first; the other 68 bytes (controls, space,
-    ...) map to chr(256), chr(257), ... in byte order and follow.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-CLIP_NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48894 merges of its BPE file (vocabulary 49408)
-
-
-def read_bpe_file(path: str | os.PathLike) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges from OpenAI CLIP's / OpenCLIP's `bpe_simple_vocab_16e6.txt.gz`.
-
-    The file is a header line, then one merge a line. The vocabulary is built as CLIP builds it:
-    the 256 byte symbols, the same with `</w>`, the concatenation of each merge, then the start and
-    end tokens (ids 49406, 49407 with the full file).
-    """
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:1 + CLIP_NUM_MERGES]
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    bad = [m for m in merges if len(m) != 2]
-    if bad:
-        raise ValueError(f"{path}: expected two symbols a line, got {' '.join(bad[0])!r}.")
-    units = byte_alphabet()
-    tokens = units + [u + "</w>" for u in units] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def load_tokenizer(
-    folder: str | os.PathLike, pad_token: str | None = None, max_length: int = 77, pad_id: int | None = None
-) -> CLIPTokenizer:
-    """Build a CLIPTokenizer from a diffusers `tokenizer/` (or `tokenizer_2/`) folder or a BPE file.
-
-    A folder: reads `vocab.json` and `merges.txt`; pad_token=None takes `pad_token` from
-    tokenizer_config.json or special_tokens_map.json when present, else "<|endoftext|>".
-    A `.txt.gz` file: OpenAI's / OpenCLIP's `bpe_simple_vocab_16e6.txt.gz` (see read_bpe_file).
-    pad_id: see CLIPTokenizer (0 reproduces OpenCLIP's padding).
-
-    Raises:
-        FileNotFoundError: the folder, vocab.json or merges.txt is missing (the message names the file).
-    """
-    folder = Path(folder)
-    if folder.is_file() and folder.name.endswith(".gz"):
-        vocab, merges = read_bpe_file(folder)
-        return CLIPTokenizer(vocab, merges, pad_token=pad_token or EOS_TOKEN, max_length=max_length, pad_id=pad_id)
-    for name in ("vocab.json", "merges.txt"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder / name} not found: a CLIP tokenizer folder needs vocab.json and merges.txt "
-                "(pass the checkpoint's tokenizer/ folder, or CLIP's bpe_simple_vocab_16e6.txt.gz)."
-            )
-    if pad_token is None:
-        pad_token = EOS_TOKEN
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            if (folder / name).is_file():
-                pad = json.loads((folder / name).read_text(encoding="utf-8")).get("pad_token")
-                if pad is not None:
-                    pad_token = pad["content"] if isinstance(pad, dict) else pad
-                    break
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    return CLIPTokenizer(vocab, read_merges(folder / "merges.txt"), pad_token=pad_token, max_length=max_length,
-                         pad_id=pad_id)

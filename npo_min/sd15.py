@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from . import training
 from .prompts import read_prompts
 from .checkpoint import CheckpointError, atomic_write, check_writable, load_into, load_state_dict, read_metadata
-from .clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, load_text_encoder, load_tokenizer, to_official_keys
+from .clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_text_encoder, to_official_keys
+from .clip_tokenizer import CLIPTokenizer, load_tokenizer
 from .delta import FORMAT as DELTA_FORMAT, load_delta
 from .guidance import compose_negative, guided_denoiser, negative_model, offset
 from .schedule import NoiseSchedule

@@ -21,9 +21,9 @@ from npo_min.clip import (
     CLIPTextConfig,
     CLIPTextModel,
     load_text_encoder,
-    load_tokenizer,
     to_official_keys,
 )
+from npo_min.clip_tokenizer import load_tokenizer
 
 TOL = 1e-5  # max abs error vs transformers in float32
 TINY = CLIPTextConfig(vocab_size=1000, width=64, layers=3, heads=4, mlp_width=256, projection_dim=32)

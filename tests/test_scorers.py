@@ -45,11 +45,9 @@ from npo_min.clip import (
     CLIPTextConfig,
     CLIPVisionConfig,
     CLIPVisionModel,
-    load_clip,
-    load_clip_vision,
-    load_tokenizer,
-    open_clip_to_hf,
 )
+from eval.clip_checkpoints import load_clip, load_clip_vision, open_clip_to_hf
+from npo_min.clip_tokenizer import load_tokenizer
 from eval import scorers
 from eval.scorers import Aesthetic, AestheticMLP, HPSv21, PickScore, preprocess_clip, preprocess_hps
 
