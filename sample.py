@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -88,9 +89,7 @@ def digits_main(args) -> None:
     plain = sample_digits(pos, neg_plain, embed, labels, noise, **kw)
     npo = sample_digits(pos, neg_npo, embed, labels, noise, **kw) if delta is not None else plain
     left, right = to_uint8_grid(plain, n), to_uint8_grid(npo, n)
-    gap = torch.full((left.shape[0], 8), 255, dtype=torch.uint8).numpy()
-    import numpy as np
-
+    gap = np.full((left.shape[0], 8), 255, dtype=np.uint8)
     side_by_side = np.concatenate([left, gap, right], axis=1)  # (H, W) | gap | (H, W)
     atomic_write(grid_file, lambda tmp: Image.fromarray(side_by_side).save(tmp, format="PNG"))
     atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))

@@ -59,11 +59,11 @@ def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, 
 
 
 def format_table(rows: list[dict], info: dict) -> str:
-    lines = [f"{'method':<14}{'scale':>6}{'log p':>9}{'margin':>9}{'FD':>8}{'win vs CFG':>12}", "-" * 58]
+    lines = [f"{'method':<14}{'scale':>6}{'log p':>11}{'margin':>9}{'FD':>8}{'win vs CFG':>12}", "-" * 60]
     for r in rows:
         win = "" if r["win_vs_cfg"] is None else f"{100 * r['win_vs_cfg']:.1f}%"
-        lines.append(f"{r['method']:<14}{r['guidance_scale']:>6.2g}{r['log_p']:>9.3f}{r['margin']:>9.2f}{r['fd']:>8.2f}{win:>12}")
-    lines.append(f"{'real digits':<14}{'':>6}{'':>9}{'':>9}{info['real_train_vs_test_fd']:>8.2f}{'':>12}")
+        lines.append(f"{r['method']:<14}{r['guidance_scale']:>6.2g}{r['log_p']:>11.2e}{r['margin']:>9.2f}{r['fd']:>8.2f}{win:>12}")
+    lines.append(f"{'real digits':<14}{'':>6}{'':>11}{'':>9}{info['real_train_vs_test_fd']:>8.2f}{'':>12}")
     lines.append(f"({info['num_samples']} samples per row, {info['steps']} {info['solver']} steps, seed {info['seed']}; "
                  f"win = seed-paired share with higher margin than plain CFG, ties count for neither)")
     return "\n".join(lines)
