@@ -1,6 +1,6 @@
 """The README's results, in one command: plain CFG vs Self-NPO (K = 5) vs full simulation (K = 25).
 
-    python -m eval.results --out results/digits
+    python -m eval.results --out eval/reports/digits
 
 Trains (or reuses, if already in --out) the Self-NPO delta with the digits defaults and the paper's
 full-simulation baseline (K = N = 25 from pure noise) with the same steps, builds the two controls
@@ -83,7 +83,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="results/digits", help="output folder (deltas are reused from here)")
+    p.add_argument("--out", default="eval/reports/digits", help="output folder (deltas are reused from here)")
     p.add_argument("--weights", default="weights/digits", help="base digits model")
     p.add_argument("--common", default="--no-progress", help="train.py flags shared by every variant")
     p.add_argument("--no-full", action="store_true", help="skip the K = 25 full-simulation baseline")
