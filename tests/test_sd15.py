@@ -4,12 +4,13 @@ The same weights are written in both layouts: an SD single file with the officia
 (model.diffusion_model. / first_stage_model. / cond_stage_model.transformer.) and a diffusers folder
 (unet/ vae/ text_encoder/ tokenizer/) made with diffusers' and transformers' own save_pretrained from
 models loaded through diffusers' single-file converters. diffusers / transformers are oracles only.
-peft is not installed, so diffusers' load_lora_weights / fuse_lora cannot run: LoRA conversion is
-checked against diffusers' LoRA *key* converter and against an independent forward computation
+LoRA conversion is checked against diffusers' own PEFT loading (`load_lora_adapter`, `fuse_lora`;
+peft is a test requirement), diffusers' LoRA *key* converter, and an independent forward computation
 (hooks adding scale * B(A(x)) to every targeted layer of a diffusers UNet).
 """
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -216,6 +217,29 @@ def test_lora_delta_reproduces_lora_forward(ckpt, bundle):
             h.remove()
     print(f"LoRA: theta + delta vs W x + B(A(x)): max abs err {maxerr(got, expected):.3g} (LoRA effect {maxerr(plain, expected):.3g})")
     assert maxerr(got, expected) <= TOL and maxerr(plain, expected) > 1e-3
+
+
+def test_lora_delta_matches_diffusers_peft_loading(ckpt, bundle, tmp_path):
+    """A PEFT-format LoRA file: our theta + delta == diffusers' UNet after `load_lora_adapter`, with the
+    adapter active and after `fuse_lora`, with lora_alpha from the file's metadata (scale alpha / r)."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (requirements-test.txt)")
+    base, lora = bundle.unet.state_dict(), random_lora(ckpt["unet"])
+    peft_sd = {f"unet.{n}.lora_{ab}.weight": t.contiguous() for n, (a, b) in lora.items() for ab, t in (("A", a), ("B", b))}
+    meta = {f"unet.{k}": v for k, v in {"r": RANK, "lora_alpha": 8, "target_modules": sorted(lora)}.items()}
+    save_file(peft_sd, tmp_path / "npo_lora.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    delta = load_offset(tmp_path / "npo_lora.safetensors", base)
+    ours = UNet2DConditionModel(TINY.unet).eval()
+    ours.load_state_dict({k: base[k] + delta.get(k, 0) for k in base})
+    ref = copy.deepcopy(ckpt["unet"]).eval()
+    ref.load_lora_adapter(dict(peft_sd), prefix="unet", adapter_name="npo", metadata=meta)
+    g = torch.Generator().manual_seed(6)
+    x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([50, 600])
+    with torch.no_grad():
+        got, plain, active = ours(x, t, context), bundle.unet(x, t, context), ref(x, t, context).sample
+        ref.fuse_lora(lora_scale=1.0)
+        fused = ref(x, t, context).sample
+    print(f"LoRA vs diffusers+peft: adapter {maxerr(got, active):.3g}, fused {maxerr(got, fused):.3g} (effect {maxerr(plain, active):.3g})")
+    assert maxerr(got, active) <= TOL and maxerr(got, fused) <= TOL and maxerr(plain, active) > 1e-3
 
 
 def test_load_offset_forms_and_errors(ckpt, bundle, tmp_path):
