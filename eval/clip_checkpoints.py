@@ -14,9 +14,8 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
+from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
 from npo_min.clip import (
     HF_TEXT_NAMES,
     HF_VISION_NAMES,
@@ -148,12 +147,6 @@ def _check_clip_folder_config(folder: Path, vision: CLIPVisionConfig, text: CLIP
         raise CheckpointError(f"{path} does not match the chosen preset ({', '.join(diff)}): pick the matching preset.")
 
 
-def _build(module_cls, cfg, dtype: torch.dtype) -> nn.Module:
-    with torch.device("meta"):
-        model = module_cls(cfg)
-    return model.to_empty(device="cpu").to(dtype)  # uninitialised storage; every tensor is overwritten by the load
-
-
 def load_clip(
     path: str | os.PathLike, preset: str | CLIPConfig = "vit_h_14", dtype: torch.dtype = torch.float32
 ) -> CLIPModel:
@@ -177,9 +170,8 @@ def load_clip(
     if Path(path).is_dir():
         _check_clip_folder_config(Path(path), cfg.vision, cfg.text)
     sd = _read_clip_checkpoint(path)
-    model = _build(CLIPModel, cfg, dtype)
-    load_into(model, sd, what=f"CLIPModel ({preset if isinstance(preset, str) else 'custom config'})")
-    return model.eval().requires_grad_(False)
+    what = f"CLIPModel ({preset if isinstance(preset, str) else 'custom config'})"
+    return build_loaded(CLIPModel, cfg, sd, dtype, what).requires_grad_(False)
 
 
 def load_clip_vision(
@@ -204,6 +196,5 @@ def load_clip_vision(
         _check_clip_folder_config(Path(path), cfg, None)
     sd = _read_clip_checkpoint(path)
     sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
-    model = _build(CLIPVisionModel, cfg, dtype)
-    load_into(model, sd, what=f"CLIPVisionModel ({preset if isinstance(preset, str) else 'custom config'})")
-    return model.eval().requires_grad_(False)
+    what = f"CLIPVisionModel ({preset if isinstance(preset, str) else 'custom config'})"
+    return build_loaded(CLIPVisionModel, cfg, sd, dtype, what).requires_grad_(False)

@@ -47,7 +47,7 @@ from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizer
 from torch import nn
 
 from eval.scorers import resize_shortest_center_crop, to_normalized_tensor
-from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
+from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
 
 # Config
 
@@ -591,9 +591,6 @@ def load_imagereward(
             f"{tokenizer.vocab_size}, but the model has {cfg.vocab_size} word embeddings: "
             "use bert-base-uncased's vocab.txt (30522 lines).")
     sd = to_official_keys(load_state_dict(ckpt))
-    with torch.device("meta"):
-        model = ImageRewardModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)  # uninitialised storage; every tensor is overwritten below
-    load_into(model, sd, what=f"ImageReward ({preset if isinstance(preset, str) else 'custom config'})")
-    model = model.to(device).eval().requires_grad_(False)
+    model = build_loaded(ImageRewardModel, cfg, sd, dtype, f"ImageReward ({preset if isinstance(preset, str) else 'custom config'})")
+    model = model.to(device).requires_grad_(False)
     return ImageRewardScorer(model, tokenizer)

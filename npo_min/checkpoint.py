@@ -136,6 +136,26 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what
     module.load_state_dict(state_dict, strict=True, assign=False)
 
 
+def build_loaded(
+    cls, cfg, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, what: str = ""
+) -> torch.nn.Module:
+    """`cls(cfg)` built without random init (meta device), strictly loaded with `state_dict`, in
+    `dtype`, eval mode. The module must have no non-persistent buffers (the checkpoint would not
+    fill them).
+
+    Raises:
+        CheckpointError: as `load_into`.
+    """
+    with torch.device("meta"):
+        model = cls(cfg)
+    unfilled = sorted(set(dict(model.named_buffers())) - set(model.state_dict()))
+    if unfilled:
+        raise TypeError(f"{cls.__name__} has non-persistent buffers {unfilled}: build it normally, not on meta.")
+    model = model.to_empty(device="cpu").to(dtype)  # uninitialised storage; every tensor is overwritten below
+    load_into(model, state_dict, what or cls.__name__)
+    return model.eval()
+
+
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A short SHA-256 of names, shapes and float32 values: identifies a base model for a delta."""
     h = hashlib.sha256()

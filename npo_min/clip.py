@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
+from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -529,8 +529,5 @@ def load_text_encoder(
     if Path(path).is_dir():
         _check_folder_config(Path(path), cfg)
     sd = to_official_keys(load_state_dict(path))
-    with torch.device("meta"):
-        model = CLIPTextModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)  # uninitialised storage; every tensor is overwritten below
-    load_into(model, sd, what=f"CLIPTextModel ({preset if isinstance(preset, str) else 'custom config'})")
-    return model.eval().requires_grad_(False)
+    what = f"CLIPTextModel ({preset if isinstance(preset, str) else 'custom config'})"
+    return build_loaded(CLIPTextModel, cfg, sd, dtype, what).requires_grad_(False)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import training
 from .prompts import read_prompts
-from .checkpoint import CheckpointError, atomic_write, check_writable, load_into, load_state_dict, read_metadata
+from .checkpoint import CheckpointError, atomic_write, build_loaded, check_writable, load_into, load_state_dict, read_metadata
 from .clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_text_encoder, to_official_keys
 from .clip_tokenizer import CLIPTokenizer, load_tokenizer
 from .delta import FORMAT as DELTA_FORMAT, load_delta
@@ -227,15 +227,6 @@ def _keys(path: Path) -> list[str]:
     return list(load_state_dict(path))
 
 
-def _build(cls, cfg, sd: dict[str, torch.Tensor], dtype: torch.dtype, what: str):
-    """`cls(cfg)` with no random init (meta device), strictly loaded with `sd`, in `dtype`, eval mode."""
-    with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    load_into(model, sd, what)
-    return model.eval()
-
-
 def _unet_config(preset: str | UNetConfig) -> UNetConfig:
     presets = {**UNET_PRESETS, **{name: c.unet for name, c in PRESETS.items()}}
     if not isinstance(preset, UNetConfig) and preset not in presets:
@@ -284,7 +275,7 @@ def load_unet(path: str | os.PathLike, preset: str | UNetConfig = "sd15", dtype:
         if diff:
             raise CheckpointError(f"{path / 'config.json'} does not match the UNet preset:\n    " + "\n    ".join(diff))
     what = f"UNet2DConditionModel ({preset if isinstance(preset, str) else 'custom config'}) from {path}"
-    return _build(UNet2DConditionModel, cfg, read_unet_weights(path, cfg), dtype, what)
+    return build_loaded(UNet2DConditionModel, cfg, read_unet_weights(path, cfg), dtype, what)
 
 
 def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: str | SD15Config | None = None,
@@ -315,8 +306,8 @@ def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, confi
     else:
         cfg = get_config(config or "sd15")
         unet = load_unet(path, cfg.unet, dtype)  # each part reads only its own tensors from a .safetensors
-        vae = _build(AutoencoderKL, cfg.vae, ldm_vae_to_diffusers(load_state_dict(path, VAE_PREFIX)), dtype, f"VAE from {path}")
-        text_encoder = _build(CLIPTextModel, cfg.text, to_official_keys(load_state_dict(path, CLIP_PREFIX)), dtype,
+        vae = build_loaded(AutoencoderKL, cfg.vae, ldm_vae_to_diffusers(load_state_dict(path, VAE_PREFIX)), dtype, f"VAE from {path}")
+        text_encoder = build_loaded(CLIPTextModel, cfg.text, to_official_keys(load_state_dict(path, CLIP_PREFIX)), dtype,
                               f"CLIP text encoder from {path}")
         tok_dir = Path(tokenizer) if tokenizer else path.parent / "tokenizer"
     if not (tok_dir / "vocab.json").is_file():

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
+from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
 
 LDM_PREFIX = "first_stage_model."  # where an SD single-file checkpoint keeps the VAE
 NORM_EPS = 1e-6  # every GroupNorm in the VAE (diffusers resnet_eps=1e-6; LDM Normalize eps=1e-6)
@@ -399,8 +399,4 @@ def load_vae(
         sd = ldm_vae_to_diffusers(sd)
     if path.is_dir():
         _check_folder_config(path, cfg)
-    with torch.device("meta"):  # no random init: every tensor is overwritten by the checkpoint
-        vae = AutoencoderKL(cfg)
-    vae = vae.to_empty(device="cpu")
-    load_into(vae, sd, f"AutoencoderKL (preset {name}) from {path}")
-    return vae.to(dtype).eval()
+    return build_loaded(AutoencoderKL, cfg, sd, dtype, f"AutoencoderKL (preset {name}) from {path}")
