@@ -14,12 +14,14 @@ from tqdm.auto import tqdm
 from .schedule import NoiseSchedule
 
 
-def make_timesteps(num_steps: int, spacing: str = "leading", num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
-    """Descending integer timesteps in 0..T-1.
+def make_timesteps(num_steps: int, spacing: str = "leading", num_train_timesteps: int = 1000, steps_offset: int = 1,
+                   solver: str = "ddim") -> list[int]:
+    """Descending integer timesteps in 0..T-1, as the diffusers scheduler of `solver` spaces them.
 
     "leading" (SD1.5's scheduler config, steps_offset 1): [0, r, 2r, ...] reversed, plus steps_offset,
-    r = T // num_steps. "trailing": round(T - i T / n) - 1 for i = 0..n-1, so it starts at T-1
-    (the Self-NPO grid: 999, 959, ..., 39 for n = 25).
+    r = T // num_steps; DPMSolverMultistep ("dpmpp_2m") instead uses r = T // (num_steps + 1) and
+    drops the 0. "trailing": round(T - i T / n) - 1 for i = 0..n-1, so it starts at T-1 (the
+    Self-NPO grid: 999, 959, ..., 39 for n = 25), for every solver.
 
     Raises:
         ValueError: num_steps outside 1..T, or an unknown spacing.
@@ -27,7 +29,10 @@ def make_timesteps(num_steps: int, spacing: str = "leading", num_train_timesteps
     T = num_train_timesteps
     if not 1 <= num_steps <= T:
         raise ValueError(f"number of steps must be in 1..{T}; got {num_steps}.")
-    if spacing == "leading":
+    if spacing == "leading" and solver == "dpmpp_2m":
+        r = T // (num_steps + 1)
+        ts = [i * r + steps_offset for i in range(1, num_steps + 1)][::-1]
+    elif spacing == "leading":
         r = T // num_steps
         ts = [i * r + steps_offset for i in range(num_steps)][::-1]
     elif spacing == "trailing":
@@ -130,11 +135,7 @@ def sample(denoise, noise, num_steps: int, schedule: NoiseSchedule, solver: str 
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: use one of {sorted(SOLVERS)}.")
-    ts = make_timesteps(num_steps, spacing, schedule.num_train_timesteps)
-    if solver == "dpmpp_2m" and spacing == "leading":
-        # diffusers' DPMSolverMultistepScheduler spaces "leading" over n + 1 intervals and drops the last.
-        r = schedule.num_train_timesteps // (num_steps + 1)
-        ts = [i * r + 1 for i in range(num_steps + 1)][::-1][:-1]
+    ts = make_timesteps(num_steps, spacing, schedule.num_train_timesteps, solver=solver)
     if solver == "euler":
         return euler(denoise, noise, ts, schedule, spacing=spacing, progress=progress)
     return SOLVERS[solver](denoise, noise, ts, schedule, progress=progress)

@@ -8,6 +8,7 @@ to a list of dicts that the CLI writes out.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable, Iterator
 
@@ -112,7 +113,7 @@ def pretrain(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(200, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     index = shuffled_batches(len(images), batch_size, generator)
     log, start = [], time.time()

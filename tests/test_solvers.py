@@ -158,3 +158,13 @@ def test_solvers_exact_for_point_mass_data():
             else:
                 expected = mu.expand_as(out)
             assert (out - expected).abs().max().item() < 1e-9, (solver, spacing)  # float64 rounding only
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_make_timesteps_vs_diffusers_dpm(spacing):
+    """make_timesteps(solver="dpmpp_2m") is DPMSolverMultistepScheduler's own grid (its "leading" differs from DDIM's)."""
+    for n in (1, 2, 7, 24, 25, 50):
+        ref = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                    timestep_spacing=spacing, steps_offset=1)
+        ref.set_timesteps(n)
+        assert solvers.make_timesteps(n, spacing, solver="dpmpp_2m") == [int(t) for t in ref.timesteps], n
