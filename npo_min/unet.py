@@ -3,7 +3,7 @@
 Module names mirror the diffusers `UNet2DConditionModel` layout (`unet/diffusion_pytorch_model.safetensors`
 of `runwayml/stable-diffusion-v1-5`), so that folder loads with no key map; the original
 single-file layout (`model.diffusion_model.*`) goes through one named map, `ldm_unet_to_diffusers`
-in `npo_min/sd15.py`.
+(below, with the diffusers config.json reader and `load_unet`).
 
     x (B, C, H, W), t (B,) in 0..999, context (B, L, D)
     conv_in -> down_blocks [ResNet (+ cross-attention Transformer)] x layers, Downsample
@@ -14,14 +14,21 @@ in `npo_min/sd15.py`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
+
+from .checkpoint import CheckpointError, build_loaded, load_state_dict
 
 
 @dataclass(frozen=True)
@@ -281,3 +288,184 @@ class UNet2DConditionModel(nn.Module):
                 h = up(h, skips[-1].shape[-2:])
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+# ----------------------------------------------------------------------------- checkpoint layouts
+# The diffusers folder (`unet/config.json` + `diffusion_pytorch_model.safetensors`) loads with no key map;
+# the original single file (`model.diffusion_model.*`, LDM names) goes through `ldm_unet_to_diffusers`.
+
+UNET_PREFIX = "model.diffusion_model."  # the UNet inside an SD single-file checkpoint
+
+# diffusers UNet2DConditionModel settings that SD1.x never changes and our UNet hard-codes. Shapes
+# would not reveal most of them (e.g. flip_sin_to_cos), so a config.json that differs is refused.
+UNET_FIXED = dict(
+    flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5, downsample_padding=1, center_input_sample=False,
+    mid_block_type="UNetMidBlock2DCrossAttn", mid_block_scale_factor=1, use_linear_projection=False,
+    only_cross_attention=False, dual_cross_attention=False, transformer_layers_per_block=1, num_attention_heads=None,
+    class_embed_type=None, addition_embed_type=None, num_class_embeds=None, encoder_hid_dim=None,
+    time_embedding_type="positional", time_cond_proj_dim=None, resnet_time_scale_shift="default",
+    conv_in_kernel=3, conv_out_kernel=3, attention_type="default", cross_attention_norm=None, timestep_post_act=None,
+    time_embedding_act_fn=None, resnet_skip_time_act=False, resnet_out_scale_factor=1.0, class_embeddings_concat=False,
+)
+
+
+def _uniform(value):
+    """A list with one repeated value -> that value (diffusers writes per-level lists for some settings)."""
+    return value[0] if isinstance(value, list) and value and all(v == value[0] for v in value) else value
+
+
+def unet_config_from_diffusers(raw: dict) -> UNetConfig:
+    """A diffusers `unet/config.json` dict -> UNetConfig (missing entries keep the SD1.5 values).
+
+    `attention_head_dim` is the number of heads in SD1.x configs (a diffusers misnomer kept for
+    compatibility), hence `num_heads`. Raises CheckpointError for settings this UNet does not implement
+    (SD2's linear projections, SDXL's added conditioning, per-level head counts, ...).
+    """
+    d = UNetConfig()
+    bad = [f"{k}={raw[k]!r} (supported: {v!r})" for k, v in UNET_FIXED.items() if k in raw and _uniform(raw[k]) != v]
+    down = raw.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    cross = tuple(t == "CrossAttnDownBlock2D" for t in down)
+    mirror = [("CrossAttnUpBlock2D" if c else "UpBlock2D") for c in reversed(cross)]
+    if not set(down) <= {"CrossAttnDownBlock2D", "DownBlock2D"} or raw.get("up_block_types", mirror) != mirror:
+        bad.append(f"down_block_types={down}, up_block_types={raw.get('up_block_types')} (supported: "
+                   "CrossAttnDownBlock2D / DownBlock2D and the mirrored up blocks)")
+    heads, ctx = _uniform(raw.get("attention_head_dim", d.num_heads)), _uniform(raw.get("cross_attention_dim", d.cross_attention_dim))
+    if isinstance(heads, list) or isinstance(ctx, list):
+        bad.append(f"attention_head_dim={heads}, cross_attention_dim={ctx} (supported: one value for all levels)")
+    if bad:
+        raise CheckpointError("this UNet config.json describes an architecture npo_min does not implement:\n    " + "\n    ".join(bad))
+    return UNetConfig(
+        in_channels=raw.get("in_channels", d.in_channels), out_channels=raw.get("out_channels", d.out_channels),
+        block_out_channels=tuple(raw.get("block_out_channels", d.block_out_channels)), cross_attn=cross,
+        layers_per_block=raw.get("layers_per_block", d.layers_per_block), num_heads=heads, cross_attention_dim=ctx,
+        norm_num_groups=raw.get("norm_num_groups", d.norm_num_groups), sample_size=raw.get("sample_size", d.sample_size),
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+
+# Inside an LDM ResBlock (ldm/modules/diffusionmodules/openaimodel.py) -> diffusers ResnetBlock2D.
+LDM_RESNET = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
+              "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}
+
+
+def ldm_unet_prefixes(cfg: UNetConfig) -> list[tuple[str, str]]:
+    """(LDM prefix, diffusers prefix) for every block of `cfg`, in model order.
+
+    LDM numbers its blocks flat, diffusers per level (L = layers_per_block, n levels):
+      input_blocks.0.0                  conv_in
+      input_blocks.{i}.0 / .1           down_blocks.{l}.resnets.{j} / .attentions.{j}, i = 1 + l (L + 1) + j
+      input_blocks.{i}.0.op             down_blocks.{l}.downsamplers.0.conv, i = 1 + l (L + 1) + L, l < n - 1
+      middle_block.0 / .1 / .2          mid_block.resnets.0 / attentions.0 / resnets.1
+      output_blocks.{i}.0 / .1          up_blocks.{l}.resnets.{j} / .attentions.{j}, i = l (L + 1) + j
+      output_blocks.{i}.{1 or 2}.conv   up_blocks.{l}.upsamplers.0.conv (j = L; index 2 after an attention)
+      time_embed.{0,2}, out.{0,2}       time_embedding.linear_{1,2}, conv_norm_out, conv_out
+    Transformer (SpatialTransformer) internals have the same names in both layouts.
+    """
+    n, L = len(cfg.block_out_channels), cfg.layers_per_block
+    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    i = 1
+    for level, attn in enumerate(cfg.cross_attn):
+        for j in range(L):
+            pairs.append((f"input_blocks.{i}.0.", f"down_blocks.{level}.resnets.{j}."))
+            if attn:
+                pairs.append((f"input_blocks.{i}.1.", f"down_blocks.{level}.attentions.{j}."))
+            i += 1
+        if level < n - 1:
+            pairs.append((f"input_blocks.{i}.0.op.", f"down_blocks.{level}.downsamplers.0.conv."))
+            i += 1
+    pairs += [("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
+              ("middle_block.2.", "mid_block.resnets.1.")]
+    i = 0
+    for level, attn in enumerate(reversed(cfg.cross_attn)):
+        for j in range(L + 1):
+            pairs.append((f"output_blocks.{i}.0.", f"up_blocks.{level}.resnets.{j}."))
+            if attn:
+                pairs.append((f"output_blocks.{i}.1.", f"up_blocks.{level}.attentions.{j}."))
+            if j == L and level < n - 1:
+                pairs.append((f"output_blocks.{i}.{2 if attn else 1}.conv.", f"up_blocks.{level}.upsamplers.0.conv."))
+            i += 1
+    return pairs
+
+
+def ldm_unet_to_diffusers(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """Rename an LDM-layout UNet state dict (`model.diffusion_model.` already removed) to diffusers names.
+
+    Rules from `ldm_unet_prefixes(cfg)` plus the ResBlock renames in LDM_RESNET. Tensors are passed
+    through untouched (SD1.x `proj_in/proj_out` are 1x1 convs in both layouts). A key no rule knows
+    keeps its name, so a strict load then reports it by name.
+    """
+    pairs = sorted(ldm_unet_prefixes(cfg), key=lambda p: -len(p[0]))  # longest first: `...0.op.` before `...0.`
+    out = {}
+    for key, value in sd.items():
+        for old, new in pairs:
+            if key.startswith(old):
+                rest = key[len(old):]
+                if ".resnets." in new:
+                    rest = next((rest.replace(a, b, 1) for a, b in LDM_RESNET.items() if rest.startswith(a)), rest)
+                key = new + rest
+                break
+        out[key] = value
+    return out
+
+
+
+def _keys(path: Path) -> list[str]:
+    """Tensor names of a checkpoint file; a .safetensors header is read without the tensors."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    return list(load_state_dict(path))
+
+
+def _unet_config(preset: str | UNetConfig) -> UNetConfig:
+    if not isinstance(preset, UNetConfig) and preset not in PRESETS:
+        raise ValueError(f"unknown UNet preset {preset!r}: choose one of {sorted(PRESETS)} or pass a UNetConfig.")
+    return preset if isinstance(preset, UNetConfig) else PRESETS[preset]
+
+
+def read_unet_weights(path: str | os.PathLike, cfg: UNetConfig = PRESETS["sd15"]) -> dict[str, torch.Tensor]:
+    """A UNet state dict in diffusers names from a single file (of a `.safetensors`, only `model.diffusion_model.*`
+    is read), a diffusers folder / file, or an LDM UNet file. Raises CheckpointError: missing / unreadable path."""
+    path = Path(path)
+    if path.is_dir() and (path / "unet").is_dir():
+        path = path / "unet"
+    if path.is_file() and path.suffix == ".safetensors" and any(k.startswith(UNET_PREFIX) for k in _keys(path)):
+        sd = load_state_dict(path, UNET_PREFIX)
+    else:
+        sd = load_state_dict(path)
+        if any(k.startswith(UNET_PREFIX) for k in sd):  # a pickled single file
+            sd = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    if any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in sd):
+        sd = ldm_unet_to_diffusers(sd, cfg)
+    return sd
+
+
+def load_unet(path: str | os.PathLike, preset: str | UNetConfig = "sd15", dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """Build the UNet of `preset` and strictly load it, in eval mode (parameters still trainable).
+
+    Args:
+        path: an SD single file, a diffusers pipeline folder or its `unet/` folder (maybe sharded), or a
+            UNet-only `.safetensors` / `.ckpt` in diffusers or LDM names.
+        preset: a PRESETS name ("sd15", "digits") or a UNetConfig.
+        dtype: float32, float16 or bfloat16.
+    Raises:
+        CheckpointError: missing path; missing / unexpected keys or wrong shapes (listed by name); a
+            folder config.json describing another architecture than `preset`.
+        ValueError: unknown preset name.
+    """
+    cfg, path = _unet_config(preset), Path(path)
+    if path.is_dir() and (path / "unet").is_dir():
+        path = path / "unet"
+    raw = _read_json(path / "config.json") if path.is_dir() else None
+    if raw is not None:
+        found = unet_config_from_diffusers(raw)
+        diff = [f"{f.name}: config.json {getattr(found, f.name)!r} vs preset {getattr(cfg, f.name)!r}"
+                for f in dataclasses.fields(UNetConfig) if getattr(found, f.name) != getattr(cfg, f.name) and f.name != "prediction_type"]
+        if diff:
+            raise CheckpointError(f"{path / 'config.json'} does not match the UNet preset:\n    " + "\n    ".join(diff))
+    what = f"UNet2DConditionModel ({preset if isinstance(preset, str) else 'custom config'}) from {path}"
+    return build_loaded(UNet2DConditionModel, cfg, read_unet_weights(path, cfg), dtype, what)

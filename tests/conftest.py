@@ -95,7 +95,7 @@ def vae_kwargs(cfg: VAEConfig) -> dict:
 
 def diffusers_unet_to_ldm(sd: dict, cfg: UNetConfig) -> dict:
     """Inverse of sd15.ldm_unet_to_diffusers, to write single-file test checkpoints (tests only)."""
-    from npo_min.sd15 import LDM_RESNET, ldm_unet_prefixes  # imported here: the other tests do not need sd15
+    from npo_min.unet import LDM_RESNET, ldm_unet_prefixes
 
     pairs = sorted(ldm_unet_prefixes(cfg), key=lambda p: -len(p[1]))
     out = {}
