@@ -1,10 +1,17 @@
 """NPO-guided sampling: the same seeds with plain CFG and with the NPO negative model, side by side.
 
-    python sample.py --neg-ckpt out/self-npo/delta.safetensors            # digits, grid.png
+    python sample.py --neg-ckpt out/self-npo/delta.safetensors            # digits: 8 samples of each class
     python sample.py --model sd15 --weights PATH --neg-ckpt delta.safetensors --prompts prompts.txt
 
-Guidance (Diffusion-NPO Eq. 9, 10): eps = (w + 1) eps_pos(x, c) - w eps_neg(x, c'), w = guidance_scale - 1,
-positive weights theta + eta, negative weights theta + alpha * eta + beta * delta.
+Guidance (Diffusion-NPO Eq. 9, 10): eps = eps_neg + s (eps_pos - eps_neg), s = guidance_scale = w + 1;
+positive weights theta_pos = theta + eta (eta from --pos-ckpt, else 0), negative weights
+theta_neg = theta + alpha * eta + beta * delta (delta from --neg-ckpt). "base" = plain CFG, theta_pos on
+both c and c'; "npo" = theta_pos on c, theta_neg on c' (two passes per step, as the authors' pipelines).
+--neg-ckpt / --pos-ckpt take, for every model, our delta.safetensors, a LoRA (PEFT / diffusers / kohya
+names) or a full fine-tuned denoiser (npo_min/offsets.py). Sample i uses noise seeded with seed + i.
+Writes base/{i:04d}.png, npo/{i:04d}.png (so `eval.t2i.score --a OUT/npo --b OUT/base` pairs them),
+grid.png (labelled: base | npo, first 16 rows) and args.json under --out; existing files are refused
+before any work unless --overwrite.
 """
 
 from __future__ import annotations
@@ -13,101 +20,123 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from tqdm.auto import tqdm
 
-from npo_min.checkpoint import CheckpointError, atomic_write, check_writable, load_state_dict
-from npo_min.delta import load_delta
-from npo_min.guidance import negative_model, offset
+from npo_min.checkpoint import CheckpointError, atomic_write, check_writable
+from npo_min.guidance import compose_negative, guided_denoiser, negative_model
+from npo_min.images import labelled_grid, save_png, to_pil
+from npo_min.offsets import load_offset
+from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
+from npo_min.prompts import read_prompts
+from npo_min.solvers import SOLVERS, sample
 
-MODEL_DEFAULTS = {
-    "digits": {"weights": "weights/digits", "guidance_scale": 3.0, "steps": 25, "solver": "ddim", "spacing": "trailing"},
-    # SD1.5 as in the authors' evaluation (REFERENCE.md): DPM-Solver++ 25 steps, scale 7.5. Their diffusers
-    # DPMSolverMultistep used "linspace" spacing (999, 959, ..., 40); "trailing" (999, ..., 39) is the nearest here.
-    "sd15": {"weights": None, "guidance_scale": 7.5, "steps": 25, "solver": "dpmpp_2m", "spacing": "trailing"},
-}
+GRID_ROWS = 16  # grid.png shows the first rows only: 500 rows of 512 px would be an unusable image
+
+
+def _defaults_help() -> str:
+    return "per-model defaults (npo_min/pipelines/__init__.py MODELS):\n  " + "\n  ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in spec.sample.items()) for name, spec in MODELS.items())
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="digits", choices=sorted(MODEL_DEFAULTS))
+    p = argparse.ArgumentParser(description=__doc__, epilog=_defaults_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="digits", choices=sorted(MODELS), help="model family (default: digits)")
     p.add_argument("--weights", default=None, help="base model (digits default: weights/digits)")
-    p.add_argument("--neg-ckpt", default=None, help="NPO offset delta (delta.safetensors, a LoRA, or a full UNet for sd15)")
-    p.add_argument("--pos-ckpt", default=None, help="positive model (e.g. a DPO UNet): eta = pos - base")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of eta in theta_neg (Eq. 10)")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of delta in theta_neg (Eq. 10)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale = w + 1 (digits 3.0, sd15 7.5)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (25)")
-    p.add_argument("--solver", default=None, choices=["ddim", "euler", "dpmpp_2m"], help="digits ddim, sd15 dpmpp_2m")
+    p.add_argument("--neg-ckpt", default=None, help="NPO offset delta: delta.safetensors, a LoRA, or a full fine-tuned denoiser")
+    p.add_argument("--pos-ckpt", default=None, help="positive model or offset (e.g. a DPO UNet or LoRA): eta")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of eta in theta_neg (Eq. 10) (default: 1)")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of delta in theta_neg (Eq. 10) (default: 1)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale s = w + 1")
+    p.add_argument("--steps", type=int, default=None, help="solver steps")
+    p.add_argument("--solver", default=None, choices=sorted(SOLVERS), help="ODE solver")
     p.add_argument("--spacing", default=None, choices=["leading", "trailing"], help="timestep spacing")
-    p.add_argument("--seed", type=int, default=0, help="base seed (sample i uses seed + i)")
-    p.add_argument("--out", default="out/samples", help="output folder")
+    p.add_argument("--prompts", default=None, help="prompt file (.txt one a line, .jsonl, .csv); class-conditional default: every class")
+    p.add_argument("--num-per-class", type=int, default=8, help="class-conditional models without --prompts: samples per class (default: 8)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per batch")
+    p.add_argument("--seed", type=int, default=0, help="base seed: sample i uses seed + i (default: 0)")
+    p.add_argument("--out", default="out/samples", help="output folder (default: out/samples)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--ignore-fingerprint", action="store_true", help="apply a delta made for another base checkpoint")
-    p.add_argument("--num-per-class", type=int, default=8, help="digits: samples per class in the grid")
-    p.add_argument("--prompts", default=None, help="sd15: text file, one prompt per line")
-    p.add_argument("--tokenizer", default=None, help="sd15: tokenizer folder (vocab.json, merges.txt) for single-file weights")
-    p.add_argument("--sd15-config", default=None, choices=["sd15", "tiny"], help="sd15: architecture preset (default: sd15 or config.json)")
+    p.add_argument("--config", default=None, help="architecture preset of the family (default: the checkpoint's own / the full model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file weights (vocab.json, merges.txt)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default: fp32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if present)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--height", type=int, default=512, help="sd15: image height in pixels")
-    p.add_argument("--width", type=int, default=512, help="sd15: image width in pixels")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="sd15: weights dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--batch-size", type=int, default=4, help="sd15: prompts per batch")
     args = p.parse_args(argv)
-    for key, value in MODEL_DEFAULTS[args.model].items():
+    for key, value in MODELS[args.model].sample.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1 (got {args.steps}).")
-    if args.num_per_class < 1:
-        p.error(f"--num-per-class must be >= 1 (got {args.num_per_class}).")
+    if args.weights is None:
+        args.weights = default_weights(args.model)
+    for key in ("steps", "num_per_class", "batch_size"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(args, key)}).")
     return args
 
 
-def digits_main(args) -> None:
-    from npo_min.digits import NUM_CLASSES, load_digits_model, sample_digits, to_uint8_grid
-
-    out = Path(args.out)
-    grid_file = check_writable(out / "grid.png", args.overwrite)
-    unet, embed, _ = load_digits_model(args.weights)
-    base = {k: v.clone() for k, v in unet.state_dict().items()}
-    eta = offset(load_state_dict(Path(args.pos_ckpt) / "model.safetensors" if Path(args.pos_ckpt).is_dir() else args.pos_ckpt,
-                                 prefix="unet."), base) if args.pos_ckpt else None
-    pos = negative_model(unet, base, eta=eta) if eta is not None else unet
-    delta = None
-    if args.neg_ckpt:
-        delta, _ = load_delta(args.neg_ckpt, base, check_fingerprint=not args.ignore_fingerprint)
-    neg_plain = negative_model(unet, base, eta=eta, alpha=args.alpha) if eta is not None else pos
-    neg_npo = negative_model(unet, base, delta=delta, eta=eta, alpha=args.alpha, beta=args.beta)
-
-    n = args.num_per_class
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(n)  # rows = classes
-    noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(args.seed))
-    kw = dict(guidance_scale=args.guidance_scale, steps=args.steps, solver=args.solver, spacing=args.spacing)
-    plain = sample_digits(pos, neg_plain, embed, labels, noise, **kw)
-    npo = sample_digits(pos, neg_npo, embed, labels, noise, **kw) if delta is not None else plain
-    left, right = to_uint8_grid(plain, n), to_uint8_grid(npo, n)
-    gap = np.full((left.shape[0], 8), 255, dtype=np.uint8)
-    side_by_side = np.concatenate([left, gap, right], axis=1)  # (H, W) | gap | (H, W)
-    atomic_write(grid_file, lambda tmp: Image.fromarray(side_by_side).save(tmp, format="PNG"))
-    atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))
-    print(f"wrote {grid_file}: left plain CFG, right NPO (beta {args.beta}), guidance scale {args.guidance_scale}, "
-          f"rows = digits 0-9, same noise per column")
-
-
-def main(argv=None):
+def main(argv=None) -> list[Path]:
+    """Returns the images written (base/, npo/, grid.png)."""
     args = parse_args(argv)
-    if args.model == "sd15":
-        from npo_min.sd15 import sample_main
+    if not (args.neg_ckpt or args.pos_ckpt):
+        raise ValueError("nothing to compare: pass --neg-ckpt (an NPO delta / LoRA / model) and/or --pos-ckpt.")
+    pipe = load_pipeline(args.model, args.weights, config=args.config, tokenizer=args.tokenizer)  # fp32 on the CPU
+    if args.prompts:
+        prompts, per_row = read_prompts(args.prompts), 1
+    elif pipe.class_names:
+        prompts, per_row = [c for c in pipe.class_names for _ in range(args.num_per_class)], args.num_per_class
+    else:
+        raise ValueError(f"--model {args.model} needs --prompts FILE (.txt one prompt a line, .jsonl or .csv).")
+    pipe.noise_shape(args.height, args.width)  # refuses an impossible size before any work
+    out = Path(args.out)
+    names = [f"{kind}/{i:04d}.png" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
+    files = [check_writable(out / name, args.overwrite) for name in names]
+    check_writable(out / "args.json", args.overwrite)
 
-        return sample_main(args)
-    digits_main(args)
+    # theta_pos = theta + eta on c; theta_neg = theta + alpha eta + beta delta on c' (Eq. 10), composed in float32
+    base = pipe.denoiser.state_dict()
+    check = not args.ignore_fingerprint
+    eta = load_offset(args.pos_ckpt, base, pipe.read_weights, check) if args.pos_ckpt else None
+    delta = load_offset(args.neg_ckpt, base, pipe.read_weights, check) if args.neg_ckpt else None
+    neg = negative_model(pipe.denoiser, base, delta, eta, args.alpha, args.beta)  # a copy
+    if eta is not None:
+        pipe.denoiser.load_state_dict(compose_negative(base, eta=eta))
+    del base, eta, delta
+    dtype = DTYPES[args.dtype]
+    pipe.to(args.device, dtype)
+    pos, neg = pipe.denoiser, neg.to(args.device, dtype)
+
+    rows = {"base": [], "npo": []}
+    for first in tqdm(range(0, len(prompts), args.batch_size), desc="batches", disable=args.no_progress):
+        chunk = prompts[first : first + args.batch_size]
+        cond, null = pipe.encode(chunk), pipe.null_cond(len(chunk))
+        noise = pipe.noise(len(chunk), args.seed + first, args.height, args.width).to(args.device, dtype)
+        for kind, neg_model in (("base", pos), ("npo", neg)):
+            denoise = guided_denoiser(pos, neg_model, cond, null, args.guidance_scale)
+            images = [to_pil(x) for x in pipe.decode(sample(denoise, noise, args.steps, pipe.schedule, args.solver, args.spacing))]
+            for j, img in enumerate(images):
+                save_png(img, out / kind / f"{first + j:04d}.png")
+            rows[kind] += images[: max(0, GRID_ROWS * per_row - len(rows[kind]))]
+    blocks = {f"base: plain CFG, scale {args.guidance_scale:g}": _rows(rows["base"], per_row),
+              f"npo: negative theta + {args.alpha:g} eta + {args.beta:g} delta": _rows(rows["npo"], per_row)}
+    labels = [prompts[r * per_row] for r in range(len(blocks[next(iter(blocks))]))]
+    title = (f"{args.model}: {args.solver} {args.steps} steps, seed {args.seed}+i"
+             + (f", neg {Path(args.neg_ckpt).name}" if args.neg_ckpt else "") + (f", pos {Path(args.pos_ckpt).name}" if args.pos_ckpt else ""))
+    save_png(labelled_grid(blocks, labels, title), out / "grid.png")
+    atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))
+    print(f"wrote {2 * len(prompts)} images under {out}/base and {out}/npo, and {out / 'grid.png'} "
+          f"(left plain CFG, right NPO, guidance scale {args.guidance_scale:g}, beta {args.beta:g}; same noise per position)")
+    return files
+
+
+def _rows(images: list, per_row: int) -> list[list]:
+    return [images[i : i + per_row] for i in range(0, len(images), per_row)]
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, ValueError, FileExistsError, PermissionError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,1 +1,2 @@
-"""Evaluation for npo_min: the digit reward classifier and the metrics (reward, Frechet distance, win rate)."""
+"""Evaluation for npo_min, split by purpose: `eval.benchmark` (the class-conditional digits benchmark: reward
+classifier, evaluate, results), `eval.t2i` (the text-to-image preference scorers), `eval.metrics` (shared metrics)."""

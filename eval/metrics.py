@@ -1,6 +1,6 @@
 """Metrics for the digits model: classifier rewards, Frechet distance, paired win rate.
 
-Rewards come from the digit classifier (`eval.classifier`). Its probability of the intended
+Rewards come from the digit classifier (`eval.benchmark.classifier`). Its probability of the intended
 class saturates near 1 on good digits, so the rewards with headroom are the log-probability
 and the logit margin. The Frechet distance is the FID formula (Heusel et al., 2017) applied to
 the classifier's penultimate features instead of Inception features. The win rate compares two

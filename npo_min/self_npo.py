@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .guidance import expand_cond, guided_denoiser, where_cond
 from .schedule import NoiseSchedule, add_noise, eps_to_x0, renoise_eq15, renoise_eq16
 
 
@@ -59,28 +60,19 @@ def ddim_grid(num_grid: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     return torch.arange(1, num_grid + 1) * (num_train_timesteps // num_grid) - 1
 
 
-def guided_eps(model, x, t, cond, null, w: float):
-    """eps(c) + w (eps(c) - eps(c')), evaluating only the branches that w needs."""
-    if w == -1.0:
-        return model(x, t, null)
-    if w == 0.0:
-        return model(x, t, cond)
-    eps_c, eps_u = model(x, t, cond), model(x, t, null)
-    return eps_c + w * (eps_c - eps_u)
-
-
 @torch.no_grad()
 def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: SelfNPOConfig, generator=None):
     """Steps 1-3: returns `(x_t, t, x0_target)`: end state `(B, ...)`, its timesteps `(B,)` in 0..T-1,
     and the target model's Tweedie estimate at (x_t, t).
 
     x0: `(B, C, H, W)` clean data (SD: scaled VAE latents; digits: pixels in [-1, 1]);
-    cond / null: `(B, L, D)` conditioning c and c' (null broadcast from batch 1 is fine).
+    cond / null: conditioning c and c' (`(B, L, D)` or a dict of batched tensors; null may have batch 1).
+    The rollout's guidance is `guidance.cfg` with scale rollout_w + 1 (w = -1: only the c' branch runs).
     Samples reaching the grid's end step onto t = 0 (alphas_cumprod[0]) and stop moving.
     """
     B, T, N = x0.shape[0], schedule.num_train_timesteps, cfg.num_grid
     grid = ddim_grid(N, T).to(x0.device)
-    null = null.expand(B, *null.shape[1:])
+    rollout_eps = guided_denoiser(target, target, cond, null, cfg.rollout_w + 1.0)  # eps(c') + (w + 1)(eps(c) - eps(c'))
     randn = lambda: torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     if cfg.start == "data":  # Eq. 14: x_{t'} ~ q(x_{t'} | x0), t' uniform on the grid
         idx = torch.randint(0, N, (B,), generator=generator).to(x0.device)
@@ -92,7 +84,7 @@ def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: Self
     for i in range(cfg.k + 1):
         t = torch.where(idx >= 0, grid[idx.clamp(min=0)], torch.zeros_like(idx))
         alpha, sigma = schedule.coefs(t, x)
-        eps = guided_eps(target, x, t, cond, null, cfg.rollout_w)
+        eps = rollout_eps(x, t)
         x0_hat = eps_to_x0(x, eps, alpha, sigma)  # Tweedie, Eq. 12
         if i == cfg.k:
             return x, t, x0_hat
@@ -129,7 +121,7 @@ def tdft_loss(student, x_t, t, x0_target, cond, null, schedule: NoiseSchedule, c
     context = cond
     if cfg.cond_drop > 0:
         drop = torch.rand(x_t.shape[0], generator=generator).to(x_t.device) < cfg.cond_drop
-        context = torch.where(drop[:, None, None], null.expand_as(cond), cond)
+        context = where_cond(drop, expand_cond(null, x_t.shape[0]), cond)
     x0_pred = eps_to_x0(x_s, student(x_s, s, context), alpha_s, sigma_s)
     d = x0_pred.float() - x0_target.float()
     return pseudo_huber(d, cfg.huber_c).mean() if cfg.loss == "huber" else (d**2).mean()

@@ -9,9 +9,9 @@ import torch
 
 import sample
 import train
-from eval import evaluate
+from eval.benchmark import evaluate
 from npo_min.checkpoint import CheckpointError, read_metadata, save_safetensors
-from npo_min.delta import save_delta
+from npo_min.offsets import save_delta
 from npo_min.digits import build_digits_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
 import torch
 
-from eval.classifier import load_classifier
+from eval.benchmark.classifier import load_classifier
 from npo_min.digits import NUM_CLASSES, load_digits, load_digits_model, sample_digits
 
 

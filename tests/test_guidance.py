@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from npo_min.guidance import cfg, compose_negative, guided_denoiser, offset
+from npo_min.guidance import cfg, compose_negative, guided_denoiser
+from npo_min.offsets import difference
 
 
 def _randn(*shape, seed=0, dtype=torch.float64):
@@ -53,7 +54,8 @@ def test_guided_denoiser_same_module_batched(scale):
     x, t, ctx, null = _inputs()
     with torch.no_grad():
         out = guided_denoiser(m, m, ctx, null, scale)(x, t)
-        assert m.calls == [2 * x.shape[0]]  # one batched pass
+        # one batched pass; scale 0 (the Self-NPO rollout's w = -1) needs only the c' branch
+        assert m.calls == ([x.shape[0]] if scale == 0.0 else [2 * x.shape[0]])
         m.calls.clear()
         pos = m(x, t, ctx)
         neg = m(x, t, null.expand(3, -1, -1))
@@ -141,7 +143,7 @@ def test_compose_negative_errors():
 def test_offset():
     base = _state({"a.weight": torch.float16}, 0)
     weights = {k: v + 0.25 * torch.ones_like(v) * (i + 1) for i, (k, v) in enumerate(base.items())}
-    off = offset(weights, base)
+    off = difference(weights, base)
     assert set(off) == set(base)
     for i, k in enumerate(base):
         assert off[k].dtype == torch.float32
@@ -152,6 +154,6 @@ def test_offset():
     for k in base:
         torch.testing.assert_close(back[k], weights[k].to(base[k].dtype), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="different keys"):
-        offset({**weights, "extra": torch.zeros(1)}, base)
+        difference({**weights, "extra": torch.zeros(1)}, base)
     with pytest.raises(ValueError, match="not the same architecture"):
-        offset({**weights, "a.bias": torch.zeros(3)}, base)
+        difference({**weights, "a.bias": torch.zeros(3)}, base)

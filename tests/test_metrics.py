@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.classifier import load_classifier
+from eval.benchmark.classifier import load_classifier
 from eval.metrics import (
     bootstrap_ci,
     class_log_prob,
@@ -134,7 +134,7 @@ def test_bootstrap_ci_seeded_and_covers_mean():
 @pytest.fixture(scope="module")
 def classifier():
     if not (CLASSIFIER / "model.safetensors").exists():
-        pytest.fail(f"{CLASSIFIER} missing: run `python -m eval.classifier --out weights/digits_classifier`.")
+        pytest.fail(f"{CLASSIFIER} missing: run `python -m eval.benchmark.classifier --out weights/digits_classifier`.")
     return load_classifier(CLASSIFIER)
 
 

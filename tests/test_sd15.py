@@ -1,4 +1,4 @@
-"""npo_min.sd15 end to end on a tiny random checkpoint with the SD1.5 architecture (preset "tiny").
+"""npo_min.pipelines.sd15 end to end on a tiny random checkpoint with the SD1.5 architecture (preset "tiny").
 
 The same weights are written in both layouts: an SD single file with the official prefixes
 (model.diffusion_model. / first_stage_model. / cond_stage_model.transformer.) and a diffusers folder
@@ -32,23 +32,17 @@ from conftest import diffusers_unet_to_ldm, maxerr, randomize_, unet_kwargs, vae
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from npo_min.checkpoint import CheckpointError
-from npo_min.delta import save_delta
-from npo_min.sd15 import (
-    PRESETS,
-    encode_prompts,
-    image_caption_pairs,
-    load_image,
-    load_offset,
-    load_sd15,
-    lora_to_delta,
-    sample_main,
-    setup_self_npo,
-)
-from npo_min.unet import UNet2DConditionModel
+import sample
+import train
+from npo_min.data import image_caption_pairs, load_image
+from npo_min.offsets import load_offset, lora_to_delta, save_delta
+from npo_min.pipelines.sd15 import PRESETS, load as load_sd15
+from npo_min.unet import UNet2DConditionModel, read_unet_weights
 from test_vae import random_ldm_vae
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = PRESETS["tiny"]
+READ = lambda path: read_unet_weights(path, TINY.unet)  # the family's full-UNet reader (key map)
 TOL = 1e-4
 
 
@@ -94,12 +88,12 @@ def test_both_layouts_load_the_same_weights(ckpt, bundle, tmp_path):
     torch.save({"state_dict": load_file(ckpt["single"])}, tmp_path / "tiny.ckpt")
     pickled = load_sd15(tmp_path / "tiny.ckpt", config="tiny", tokenizer=ckpt["tokenizer"])
     for other in (single, pickled):
-        for part in ("unet", "vae", "text_encoder"):
+        for part in ("denoiser", "vae", "text_encoder"):
             a, b = getattr(bundle, part).state_dict(), getattr(other, part).state_dict()
             assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), part
     assert not any(p.requires_grad for p in bundle.vae.parameters()) and not any(p.requires_grad for p in bundle.text_encoder.parameters())
-    half = load_sd15(ckpt["folder"], torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for m in (half.unet, half.vae, half.text_encoder) for p in m.parameters())
+    half = load_sd15(ckpt["folder"], dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for m in (half.denoiser, half.vae, half.text_encoder) for p in m.parameters())
 
 
 def test_components_match_diffusers(ckpt, bundle):
@@ -108,13 +102,13 @@ def test_components_match_diffusers(ckpt, bundle):
     ids = bundle.tokenizer(["a photo of a cat", ""])
     with torch.no_grad():
         errs = dict(
-            unet=maxerr(bundle.unet(x, torch.tensor([3, 900]), context), ckpt["unet"](x, torch.tensor([3, 900]), context).sample),
+            unet=maxerr(bundle.denoiser(x, torch.tensor([3, 900]), context), ckpt["unet"](x, torch.tensor([3, 900]), context).sample),
             vae=maxerr(bundle.vae.decode(z), ckpt["vae"].decode(z).sample),
-            text=maxerr(encode_prompts(bundle, ["a photo of a cat", ""]), ckpt["text"](ids).last_hidden_state),
+            text=maxerr(bundle.encode(["a photo of a cat", ""]), ckpt["text"](ids).last_hidden_state),
         )
     print("max abs err vs diffusers / transformers:", {k: f"{v:.3g}" for k, v in errs.items()})
     assert max(errs.values()) <= TOL, errs
-    assert encode_prompts(bundle, "").shape == (1, 77, 32)
+    assert bundle.encode([""]).shape == (1, 77, 32)
 
 
 def test_single_file_needs_a_tokenizer(ckpt, tmp_path):
@@ -162,7 +156,7 @@ def kohya(name: str) -> str:
 
 
 def test_lora_forms_agree_with_each_other_and_diffusers_key_converter(ckpt, bundle, tmp_path):
-    base, lora = bundle.unet.state_dict(), random_lora(ckpt["unet"])
+    base, lora = bundle.denoiser.state_dict(), random_lora(ckpt["unet"])
     peft = {f"unet.{n}.lora_{ab}.weight": t for n, (a, b) in lora.items() for ab, t in (("A", a), ("B", b))}
     ref = lora_to_delta(peft, base)
     assert sorted(ref) == sorted(f"{n}.weight" for n in lora)
@@ -193,7 +187,7 @@ def test_lora_forms_agree_with_each_other_and_diffusers_key_converter(ckpt, bund
 def test_lora_delta_reproduces_lora_forward(ckpt, bundle):
     """theta + delta in our UNet == a diffusers UNet computing W x + B(A(x)) on every targeted layer."""
     ref, lora = ckpt["unet"], random_lora(ckpt["unet"])
-    base = bundle.unet.state_dict()
+    base = bundle.denoiser.state_dict()
     delta = lora_to_delta({f"unet.{n}.lora.{d}.weight": t for n, (a, b) in lora.items() for d, t in (("down", a), ("up", b))}, base)
     modules, hooks = dict(ref.named_modules()), []
     for name, (a, b) in lora.items():
@@ -210,7 +204,7 @@ def test_lora_delta_reproduces_lora_forward(ckpt, bundle):
     try:
         with torch.no_grad():
             expected = ref(x, torch.tensor([50, 600]), context).sample
-            plain = bundle.unet(x, torch.tensor([50, 600]), context)
+            plain = bundle.denoiser(x, torch.tensor([50, 600]), context)
             got = ours(x, torch.tensor([50, 600]), context)
     finally:
         for h in hooks:
@@ -223,7 +217,7 @@ def test_lora_delta_matches_diffusers_peft_loading(ckpt, bundle, tmp_path):
     """A PEFT-format LoRA file: our theta + delta == diffusers' UNet after `load_lora_adapter`, with the
     adapter active and after `fuse_lora`, with lora_alpha from the file's metadata (scale alpha / r)."""
     pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (requirements-test.txt)")
-    base, lora = bundle.unet.state_dict(), random_lora(ckpt["unet"])
+    base, lora = bundle.denoiser.state_dict(), random_lora(ckpt["unet"])
     peft_sd = {f"unet.{n}.lora_{ab}.weight": t.contiguous() for n, (a, b) in lora.items() for ab, t in (("A", a), ("B", b))}
     meta = {f"unet.{k}": v for k, v in {"r": RANK, "lora_alpha": 8, "target_modules": sorted(lora)}.items()}
     save_file(peft_sd, tmp_path / "npo_lora.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
@@ -235,7 +229,7 @@ def test_lora_delta_matches_diffusers_peft_loading(ckpt, bundle, tmp_path):
     g = torch.Generator().manual_seed(6)
     x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([50, 600])
     with torch.no_grad():
-        got, plain, active = ours(x, t, context), bundle.unet(x, t, context), ref(x, t, context).sample
+        got, plain, active = ours(x, t, context), bundle.denoiser(x, t, context), ref(x, t, context).sample
         ref.fuse_lora(lora_scale=1.0)
         fused = ref(x, t, context).sample
     print(f"LoRA vs diffusers+peft: adapter {maxerr(got, active):.3g}, fused {maxerr(got, fused):.3g} (effect {maxerr(plain, active):.3g})")
@@ -243,7 +237,7 @@ def test_lora_delta_matches_diffusers_peft_loading(ckpt, bundle, tmp_path):
 
 
 def test_load_offset_forms_and_errors(ckpt, bundle, tmp_path):
-    base = bundle.unet.state_dict()
+    base = bundle.denoiser.state_dict()
     g = torch.Generator().manual_seed(6)
     trained = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     want = {k: trained[k] - base[k] for k in base}
@@ -254,12 +248,12 @@ def test_load_offset_forms_and_errors(ckpt, bundle, tmp_path):
     diffusers_unet.load_state_dict(trained)
     diffusers_unet.save_pretrained(tmp_path / "dpo" / "unet")  # a fine-tuned UNet, as --pos-ckpt
     for path in (tmp_path / "run", tmp_path / "run" / "delta.safetensors", tmp_path / "dpo", tmp_path / "dpo" / "unet"):
-        got = load_offset(path, base, TINY.unet)
+        got = load_offset(path, base, READ)
         assert sorted(got) == sorted(want) and max(maxerr(got[k], want[k]) for k in want) <= 1e-6, path
     other = {k: v + 1 for k, v in base.items()}
     with pytest.raises(CheckpointError, match="fingerprint"):
-        load_offset(tmp_path / "run", other, TINY.unet)
-    assert sorted(load_offset(tmp_path / "run", other, TINY.unet, check_fingerprint=False)) == sorted(want)
+        load_offset(tmp_path / "run", other, READ)
+    assert sorted(load_offset(tmp_path / "run", other, READ, check_fingerprint=False)) == sorted(want)
     with pytest.raises(CheckpointError, match="name no layer"):
         lora_to_delta({"unet.down_blocks.9.attn.to_q.lora_A.weight": torch.zeros(1, 2)}, base)
     with pytest.raises(CheckpointError, match="needs both"):
@@ -306,15 +300,15 @@ def test_image_caption_pairs_errors(tmp_path):
         image_caption_pairs(data)
 
 
-def test_setup_self_npo_batches(ckpt, bundle, tmp_path):
+def test_self_npo_batches(ckpt, bundle, tmp_path):
     data = make_data(tmp_path / "data")
-    args = argparse.Namespace(weights=str(ckpt["single"]), sd15_config="tiny", tokenizer=str(ckpt["tokenizer"]),
-                              data=str(data), resolution=64, batch_size=2, dtype="bf16", gradient_checkpointing=True, device="cpu")
+    pipe = load_sd15(str(ckpt["single"]), config="tiny", tokenizer=str(ckpt["tokenizer"]))
     gen = torch.Generator().manual_seed(0)
-    unet, batches, null, name, autocast = setup_self_npo(args, gen)
-    assert autocast == torch.bfloat16 and unet.gradient_checkpointing and name.startswith("sd15:")
-    assert all(p.requires_grad and p.dtype == torch.float32 for p in unet.parameters())
-    assert null.shape == (1, 77, 32) and torch.allclose(null, encode_prompts(bundle, [""]))
+    batches = pipe.self_npo_batches(str(data), 2, gen, resolution=64)
+    null, name = pipe.null_cond(1), pipe.name
+    assert name.startswith("sd15:")
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in pipe.denoiser.parameters())
+    assert null.shape == (1, 77, 32) and torch.allclose(null, bundle.encode([""]))
     # batch 1 by hand: a permutation of the 3 images, then eps; latents = sf * (mean + std * eps)
     replay = torch.Generator().manual_seed(0)
     idx = torch.randperm(3, generator=replay)[:2]
@@ -322,7 +316,7 @@ def test_setup_self_npo_batches(ckpt, bundle, tmp_path):
     pixels = torch.stack([load_image(p, 64) for p, _ in image_caption_pairs(data)])[idx]
     with torch.no_grad():
         mean, logvar = bundle.vae.encode(pixels)
-        context = encode_prompts(bundle, [f"a random picture number {i}" for i in idx.tolist()])
+        context = bundle.encode([f"a random picture number {i}" for i in idx.tolist()])
     latents, got_context = next(batches)
     assert latents.shape == (2, 4, 8, 8) and got_context.shape == (2, 77, 32)
     assert maxerr(latents, TINY.vae.scaling_factor * (mean + torch.exp(0.5 * logvar) * eps)) <= TOL
@@ -342,11 +336,12 @@ def test_train_then_sample_cli(ckpt, bundle, tmp_path):
     """train.py --model sd15 (2 steps) on the tiny folder checkpoint, then sample.py --model sd15 with its delta."""
     data, out = make_data(tmp_path / "data"), tmp_path / "out"
     run_cli("train.py", "--model", "sd15", "--weights", str(ckpt["folder"]), "--data", str(data), "--steps", "2",
-            "--batch-size", "2", "--resolution", "64", "--out", str(out), "--no-progress")
+            "--batch-size", "2", "--grad-accum", "1", "--resolution", "64", "--out", str(out), "--no-progress",
+            "--dtype", "bf16", "--gradient-checkpointing")  # autocast bf16 with checkpointing, weights fp32
     rows = list(csv.DictReader(open(out / "loss.csv")))
     assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
-    delta = load_offset(out, bundle.unet.state_dict(), TINY.unet)  # fingerprint of the same base
-    assert sorted(delta) == sorted(bundle.unet.state_dict()) and any(v.abs().max() > 0 for v in delta.values())
+    delta = load_offset(out, bundle.denoiser.state_dict(), READ)  # fingerprint of the same base
+    assert sorted(delta) == sorted(bundle.denoiser.state_dict()) and any(v.abs().max() > 0 for v in delta.values())
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"caption": "a cat"}) + "\n")  # as eval.score reads them
     run_cli("sample.py", "--model", "sd15", "--weights", str(ckpt["folder"]), "--neg-ckpt", str(out / "delta.safetensors"),
             "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "samples"), "--steps", "2",
@@ -358,13 +353,37 @@ def test_train_then_sample_cli(ckpt, bundle, tmp_path):
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_args(ckpt, tmp_path, **kw):
+def sample_args(ckpt, tmp_path, **kw) -> list[str]:
+    """sample.py's argv for --model sd15 on the tiny folder; keyword = flag (True = a bare flag, None = left out)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nan oil painting of a castle\n\n")
-    return argparse.Namespace(**{**dict(
+    flags = {**dict(
         weights=str(ckpt["folder"]), prompts=str(prompts), out=str(tmp_path / "samples"), seed=7, guidance_scale=7.5,
         steps=15, solver="dpmpp_2m", spacing="trailing", alpha=1.0, beta=1.0, neg_ckpt=None, pos_ckpt=None, height=64, width=64,
-        overwrite=False, dtype="fp32", device="cpu", no_progress=True, batch_size=2), **kw})
+        overwrite=False, dtype="fp32", device="cpu", no_progress=True, batch_size=2), **kw}
+    argv = ["--model", "sd15"]
+    for k, v in flags.items():
+        if v is not None and v is not False:
+            argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return argv
+
+
+def sample_main(argv: list[str]) -> list[Path]:
+    return sample.main(argv)
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def _find(sub: np.ndarray, grid: np.ndarray) -> bool:
+    """Does image `sub` (h, w, 3) appear, pixel for pixel, somewhere inside `grid`?"""
+    h, w = sub.shape[:2]
+    for y in range(grid.shape[0] - h + 1):
+        for x in np.flatnonzero((grid[y, : grid.shape[1] - w + 1] == sub[0, 0]).all(-1)):
+            if np.array_equal(grid[y : y + h, x : x + w], sub):
+                return True
+    return False
 
 
 def test_sample_main_writes_pairs_and_matches_diffusers_pipeline(ckpt, bundle, tmp_path):
@@ -373,13 +392,14 @@ def test_sample_main_writes_pairs_and_matches_diffusers_pipeline(ckpt, bundle, t
               tmp_path / "npo_lora.safetensors")
     args = sample_args(ckpt, tmp_path, neg_ckpt=str(tmp_path / "npo_lora.safetensors"))
     files = sample_main(args)
-    out = Path(args.out)
+    out = Path(_flag(args, "--out"))
     written = sorted(p for p in out.rglob("*.png"))
     assert [str(p.relative_to(out)) for p in written] == ["base/0000.png", "base/0001.png", "grid.png", "npo/0000.png", "npo/0001.png"]
     assert sorted(files) == written
     base0, npo0 = (np.asarray(Image.open(out / k / "0000.png")) for k in ("base", "npo"))
     assert base0.shape == (64, 64, 3) and np.abs(base0.astype(int) - npo0).max() > 0
-    assert Image.open(out / "grid.png").size == (128, 128)
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))  # labelled: base block | npo block, one row a prompt
+    assert grid.shape[0] >= 128 and grid.shape[1] >= 128 and _find(base0, grid) and _find(npo0, grid)
     # "base" is plain CFG with the base model: the diffusers pipeline, same components, noise and solver
     pipe = diffusers.StableDiffusionPipeline(
         vae=ckpt["vae"], text_encoder=ckpt["text"], tokenizer=transformers.CLIPTokenizer.from_pretrained(ckpt["tokenizer"], model_max_length=77),
@@ -387,7 +407,7 @@ def test_sample_main_writes_pairs_and_matches_diffusers_pipeline(ckpt, bundle, t
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(args.seed + 1))
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(int(_flag(args, "--seed")) + 1))
     with torch.no_grad():
         image = pipe("an oil painting of a castle", height=64, width=64, num_inference_steps=15, guidance_scale=7.5,
                      latents=noise, output_type="np").images[0]
@@ -398,7 +418,7 @@ def test_sample_main_writes_pairs_and_matches_diffusers_pipeline(ckpt, bundle, t
     # nothing is overwritten without --overwrite, and that is checked before any work
     with pytest.raises(FileExistsError, match="--overwrite"):
         sample_main(args)
-    sample_main(sample_args(ckpt, tmp_path, neg_ckpt=args.neg_ckpt, overwrite=True, steps=2))
+    sample_main(sample_args(ckpt, tmp_path, neg_ckpt=_flag(args, "--neg-ckpt"), overwrite=True, steps=2))
 
 
 def test_sample_main_argument_errors(ckpt, tmp_path):

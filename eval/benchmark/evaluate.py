@@ -1,6 +1,6 @@
 """Evaluate NPO guidance on the digits model: reward, Frechet distance, seed-paired win rate.
 
-    python -m eval.evaluate --neg-ckpt out/self-npo/delta.safetensors
+    python -m eval.benchmark.evaluate --neg-ckpt out/self-npo/delta.safetensors
 
 For every guidance scale, the same noise and labels are sampled with plain CFG (negative branch =
 the base model at the null class) and with each negative model. Metrics, against the project's
@@ -21,17 +21,18 @@ from pathlib import Path
 
 import torch
 
-from eval.classifier import load_classifier
+from eval.benchmark.classifier import DEFAULT_WEIGHTS as CLASSIFIER_WEIGHTS, load_classifier
 from eval.metrics import class_log_prob, class_margin, frechet_distance, paired_win_rate
 from npo_min.checkpoint import CheckpointError, atomic_write, check_writable
-from npo_min.delta import load_delta
+from npo_min.digits import DEFAULT_WEIGHTS, NUM_CLASSES, load_digits, sample_digits
 from npo_min.guidance import negative_model
-from npo_min.digits import NUM_CLASSES, load_digits, load_digits_model, sample_digits
+from npo_min.offsets import load_offset
+from npo_min.pipelines import load_pipeline
 
 
 @torch.no_grad()
 def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, steps=25, solver="ddim",
-             spacing="trailing", classifier_path="weights/digits_classifier") -> tuple[list[dict], dict]:
+             spacing="trailing", classifier_path=CLASSIFIER_WEIGHTS) -> tuple[list[dict], dict]:
     """Rows {method, guidance_scale, log_p, margin, fd, win_vs_cfg, n} for plain CFG and each negative.
 
     negatives: {name: neg_unet}; "cfg" (the base model itself) is always included. The held-out
@@ -59,11 +60,12 @@ def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, 
 
 
 def format_table(rows: list[dict], info: dict) -> str:
-    lines = [f"{'method':<14}{'scale':>6}{'log p':>11}{'margin':>9}{'FD':>8}{'win vs CFG':>12}", "-" * 60]
+    n = max([14] + [len(r["method"]) + 1 for r in rows])  # method column: names are never cut
+    lines = [f"{'method':<{n}}{'scale':>6}{'log p':>11}{'margin':>9}{'FD':>8}{'win vs CFG':>12}", "-" * (n + 46)]
     for r in rows:
         win = "" if r["win_vs_cfg"] is None else f"{100 * r['win_vs_cfg']:.1f}%"
-        lines.append(f"{r['method']:<14}{r['guidance_scale']:>6.2g}{r['log_p']:>11.2e}{r['margin']:>9.2f}{r['fd']:>8.2f}{win:>12}")
-    lines.append(f"{'real digits':<14}{'':>6}{'':>11}{'':>9}{info['real_train_vs_test_fd']:>8.2f}{'':>12}")
+        lines.append(f"{r['method']:<{n}}{r['guidance_scale']:>6.2g}{r['log_p']:>11.2e}{r['margin']:>9.2f}{r['fd']:>8.2f}{win:>12}")
+    lines.append(f"{'real digits':<{n}}{'':>6}{'':>11}{'':>9}{info['real_train_vs_test_fd']:>8.2f}{'':>12}")
     lines.append(f"({info['num_samples']} samples per row, {info['steps']} {info['solver']} steps, seed {info['seed']}; "
                  f"win = seed-paired share with higher margin than plain CFG, ties count for neither)")
     return "\n".join(lines)
@@ -71,8 +73,9 @@ def format_table(rows: list[dict], info: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default="weights/digits", help="base digits model")
-    p.add_argument("--neg-ckpt", action="append", required=True, help="delta file(s); repeat the flag to compare several")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="base digits model")
+    p.add_argument("--neg-ckpt", action="append", required=True,
+                   help="NPO offset(s): delta.safetensors, a LoRA or a full digits model; repeat the flag to compare several")
     p.add_argument("--beta", type=float, default=1.0, help="delta scale in theta_neg = theta + beta * delta")
     p.add_argument("--guidance-scales", default="1.5,2,3,5", help="comma-separated CFG scales")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class and scale")
@@ -84,13 +87,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = check_writable(Path(args.out) / "eval.json", args.overwrite)
     scales = [float(s) for s in args.guidance_scales.split(",")]
-    unet, embed, _ = load_digits_model(args.weights)
+    pipe = load_pipeline("digits", args.weights)
+    unet, embed = pipe.denoiser, pipe.class_embedding
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     negatives = {}
     for path in args.neg_ckpt:
-        delta, _ = load_delta(path, base, check_fingerprint=not args.ignore_fingerprint)
-        name = Path(path).parent.name if Path(path).name == "delta.safetensors" else Path(path).stem
-        negatives[name[:14]] = negative_model(unet, base, delta=delta, beta=args.beta)
+        delta = load_offset(path, base, pipe.read_weights, check_fingerprint=not args.ignore_fingerprint)
+        stem = Path(path).parent.name if Path(path).name == "delta.safetensors" else Path(path).stem
+        name, i = stem, 1
+        while name in negatives:  # two runs/x/delta.safetensors: x, x#1 (a row never vanishes)
+            name, i = f"{stem}#{i}", i + 1
+        negatives[name] = negative_model(unet, base, delta=delta, beta=args.beta)
     rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, args.steps)
     print(format_table(rows, info))
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps({"rows": rows, "info": info, "args": vars(args)}, indent=2)))

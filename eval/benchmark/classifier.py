@@ -4,8 +4,8 @@ extractor for the Frechet distance of the "digits" model.
 It is trained only on the "train" split, with random 1-pixel shifts (and a little pixel noise)
 so it also judges generated digits fairly; the held-out "test" split only measures it.
 
-    python -m eval.classifier --out weights/digits_classifier            # train, test, save
-    from eval.classifier import load_classifier; clf = load_classifier()  # logits / features
+    python -m eval.benchmark.classifier --out weights/digits_classifier   # train, test, save
+    from eval.benchmark.classifier import load_classifier; clf = load_classifier()  # logits / features
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def load_classifier(path: str | Path = "weights/digits_classifier") -> DigitClassifier:
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "digits_classifier"
+
+
+def load_classifier(path: str | Path = DEFAULT_WEIGHTS) -> DigitClassifier:
     """Build the classifier from `path/config.json`, strictly load `path/model.safetensors`, eval mode."""
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.time() - t0
     print(f"held-out test accuracy {test_acc:.4f} ({test_acc * 359:.0f}/359), trained in {seconds:.1f} s")
 
-    command = "python -m eval.classifier " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m eval.benchmark.classifier " + shlex.join(sys.argv[1:] if argv is None else argv)
     meta = dict(test_accuracy=round(test_acc, 4), seed=args.seed, epochs=args.epochs, train_command=command)
     save_safetensors(model.state_dict(), out / "model.safetensors", meta, overwrite=args.overwrite)
     config = dict(model.config, input_shape=[1, 8, 8], input_range=[-1, 1], train_seconds=round(seconds, 1), **meta)

@@ -1,11 +1,11 @@
 """The README's results, in one command: plain CFG vs Self-NPO (K = 5) vs full simulation (K = 25).
 
-    python -m eval.results --out eval/reports/digits
+    python -m eval.benchmark.results --out eval/reports/digits
 
 Trains (or reuses, if already in --out) the Self-NPO delta with the digits defaults and the paper's
 full-simulation baseline (K = N = 25 from pure noise) with the same steps, builds the two controls
 (the base model's own negative branch = plain CFG; a random offset with the same per-tensor norm as
-the K = 5 delta), evaluates all of them over a sweep of guidance scales with eval.evaluate, and
+the K = 5 delta), evaluates all of them over a sweep of guidance scales with eval.benchmark.evaluate, and
 writes results.json, results.md (tables) and curves.png (margin against Frechet distance, one
 curve per method across guidance scales). `--extra NAME="--lr 1e-5"` adds trained variants
 (sweeps of learning rate, steps, rollout w, ...); `--betas` adds beta scalings of the K = 5 delta.
@@ -16,18 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-import train
-from eval.evaluate import evaluate, format_table
+from eval.benchmark.evaluate import evaluate, format_table
 from npo_min.checkpoint import atomic_write, read_metadata
-from npo_min.delta import load_delta
-from npo_min.digits import load_digits_model
+from npo_min.digits import DEFAULT_WEIGHTS
 from npo_min.guidance import negative_model
+from npo_min.offsets import read_delta
+from npo_min.pipelines import ROOT, load_pipeline
 
 
 def train_variant(out: Path, name: str, extra: str, weights: str, common: str) -> Path:
@@ -37,8 +39,8 @@ def train_variant(out: Path, name: str, extra: str, weights: str, common: str) -
         print(f"[{name}] reusing {delta}")
     else:
         argv = shlex.split(f"--weights {weights} --out {out / name} {common} {extra}")
-        print(f"[{name}] python train.py {' '.join(argv)}")
-        train.main(argv)
+        print(f"[{name}] python train.py {shlex.join(argv)}")
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True)
     return delta
 
 
@@ -83,8 +85,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="eval/reports/digits", help="output folder (deltas are reused from here)")
-    p.add_argument("--weights", default="weights/digits", help="base digits model")
+    p.add_argument("--out", default=str(ROOT / "eval" / "reports" / "digits"), help="output folder (deltas are reused from here)")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="base digits model")
     p.add_argument("--common", default="--no-progress", help="train.py flags shared by every variant")
     p.add_argument("--no-full", action="store_true", help="skip the K = 25 full-simulation baseline")
     p.add_argument("--extra", action="append", default=[], metavar='NAME="FLAGS"', help="extra trained variant")
@@ -104,11 +106,12 @@ def main(argv=None):
         variants[name] = flags.strip('"')
     deltas = {name: train_variant(out, name, flags, args.weights, args.common) for name, flags in variants.items()}
 
-    unet, embed, _ = load_digits_model(args.weights)
+    pipe = load_pipeline("digits", args.weights)
+    unet, embed = pipe.denoiser, pipe.class_embedding
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     negatives, cost = {}, {}
     for name, path in deltas.items():
-        delta, meta = load_delta(path, base)
+        delta, meta = read_delta(path, base)
         negatives[name] = negative_model(unet, base, delta=delta)
         cost[name] = {"train_seconds": float(meta["train_seconds"]), "steps": int(meta["steps"]), "k": int(meta["k"]),
                       "lr": float(meta["lr"]), "delta_norm": torch.sqrt(sum((v.float() ** 2).sum() for v in delta.values())).item()}

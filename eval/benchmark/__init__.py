@@ -1,0 +1,1 @@
+"""The class-conditional benchmark (digits): reward classifier, evaluate, results."""

@@ -1,0 +1,44 @@
+"""Training data on disk: a folder of images with same-name `.txt` captions (the Self-NPO data of the
+text-to-image families; the authors used LAION images with their captions)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_caption_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Images in `folder` (sorted by name) with the text of their same-name `.txt` caption.
+
+    Raises FileNotFoundError (no folder; images without a caption, listed) or ValueError (no images).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data {folder} is not a folder of images with .txt captions.")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
+    missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images in {folder} have no same-name .txt caption, e.g. {missing[:5]}.")
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+
+
+def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
+    """An RGB image -> `(3, resolution, resolution)` float32 in [-1, 1].
+
+    Shortest side resized to `resolution` (LANCZOS), then a centre crop: the authors' Self-NPO
+    transform (torchvision Resize + CenterCrop + Normalize(0.5, 0.5)), done with pillow.
+    """
+    img = Image.open(path).convert("RGB")
+    scale = resolution / min(img.size)
+    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.LANCZOS)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (H, W, 3) -> (3, H, W)

@@ -1,0 +1,55 @@
+"""Images out: tensors in [-1, 1] to PIL, atomic PNG writes, and grids that carry their own labels.
+
+A grid separated from the terminal that printed it must still say what it shows, so `labelled_grid`
+writes a title, a header per block (e.g. "plain CFG" | "NPO") and a label per row into the pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .checkpoint import atomic_write
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """`(C, H, W)` in about [-1, 1], C = 1 or 3 -> a greyscale / RGB image (clamped, x -> round(127.5 (x + 1)))."""
+    x = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    if x.shape[0] == 1:
+        return Image.fromarray(x[0].numpy(), mode="L")
+    return Image.fromarray(x.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+
+
+def save_png(img: Image.Image, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))  # tmp ends in .tmp: name the format
+
+
+def labelled_grid(blocks: dict[str, list[list[Image.Image]]], row_labels: list[str], title: str,
+                  min_cell: int = 32, gap: int = 8) -> Image.Image:
+    """Blocks side by side, each a list of rows of equally sized images, with a title, block headers and row labels.
+
+    blocks: {header: rows}, every block with len(row_labels) rows of the same length. Images smaller than
+    `min_cell` pixels are enlarged by an integer factor (nearest neighbour), so 8x8 digits stay readable.
+    """
+    first = next(iter(blocks.values()))[0][0]
+    zoom = max(1, -(-min_cell // max(first.size)))  # ceil(min_cell / size)
+    w, h = first.width * zoom, first.height * zoom
+    label_w = 8 + 7 * min(max((len(r) for r in row_labels), default=0), 24)
+    ncols = [max(len(r) for r in rows) for rows in blocks.values()]
+    width = label_w + sum(n * w for n in ncols) + gap * len(blocks)
+    top = 36
+    canvas = Image.new("RGB", (max(width, 8 + 7 * len(title)), top + len(row_labels) * h + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill="black")
+    x0 = label_w
+    for (header, rows), n in zip(blocks.items(), ncols):
+        draw.text((x0 + 2, 20), header, fill="black")
+        for r, row in enumerate(rows):
+            for c, img in enumerate(row):
+                canvas.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (x0 + c * w, top + r * h))
+        x0 += n * w + gap
+    for r, label in enumerate(row_labels):
+        draw.text((4, top + r * h + max(0, h // 2 - 6)), label[:24], fill="black")
+    return canvas

@@ -1,0 +1,224 @@
+"""Weight offsets: the eta and delta of theta_neg = theta + alpha * eta + beta * delta (Diffusion-NPO Eq. 10).
+
+Whatever file it comes from, an offset becomes a dict over the denoiser's own state-dict keys
+(float32, the base's shapes), checked by one function, `check_offset`. `load_offset` reads, for every
+model family alike (so `--neg-ckpt` and `--pos-ckpt` accept the same things everywhere):
+
+  - our `delta.safetensors` (or its folder): trained - base, with FORMAT and the base model's
+    fingerprint in the metadata; the fingerprint must match the loaded base;
+  - a LoRA `.safetensors` / `.bin` (or a folder holding `pytorch_lora_weights.safetensors`) in PEFT,
+    diffusers, attention-processor or kohya-ss names: delta[layer.weight] = (alpha / r) B @ A. The
+    authors' released `sd15_beta500_2kiter.safetensors` is in diffusers names, without alpha;
+  - a full fine-tuned denoiser in the family's own layout (e.g. a Diffusion-DPO UNet for --pos-ckpt):
+    weights - base. The family passes its reader `read_weights(path) -> state dict` (its key map),
+    so this module imports no model family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import CheckpointError, fingerprint, load_state_dict, read_metadata, save_safetensors
+
+FORMAT = "npo_min.delta.v1"  # metadata["format"] of the delta files this project writes
+Offset = dict[str, torch.Tensor]
+
+
+def check_offset(offset: Offset, base: Offset, source: str = "offset") -> None:
+    """The one key / shape check: every key of `offset` names a tensor of `base` with the same shape.
+
+    Raises:
+        CheckpointError: unknown keys or shape mismatches, counted and named (the first five).
+    """
+    unknown = sorted(set(offset) - set(base))
+    wrong = sorted(k for k in set(offset) & set(base) if tuple(offset[k].shape) != tuple(base[k].shape))
+    if unknown or wrong:
+        problems = []
+        if unknown:
+            problems.append(f"{source} has {len(unknown)} keys the base model lacks, e.g. {unknown[:3]}")
+        if wrong:
+            k = wrong[0]
+            problems.append(f"{len(wrong)} shape mismatches, e.g. {source}[{k}] has shape {tuple(offset[k].shape)} "
+                            f"but the base has {tuple(base[k].shape)}")
+        raise CheckpointError(f"{source} does not fit this base model: {'; '.join(problems)}: not the same architecture. "
+                              "Was it made for another --model / base checkpoint?")
+
+
+def difference(weights: Offset, base: Offset, source: str = "weights") -> Offset:
+    """The offset `weights - base` (float32) of a full model of the same architecture (eta or delta).
+
+    Raises:
+        CheckpointError: the key sets differ ("not the same architecture") or a shape differs.
+    """
+    if set(weights) != set(base):
+        diff = sorted(set(weights) ^ set(base))
+        raise CheckpointError(f"{source} and the base model have different keys ({len(diff)} differ, e.g. {diff[:3]}): "
+                              "not the same architecture.")
+    check_offset(weights, base, source)
+    return {k: weights[k].float() - base[k].float() for k in base}
+
+
+# ----------------------------------------------------------------------------- our delta file
+
+
+def save_delta(trained: Offset, base: Offset, path: str | os.PathLike, metadata: dict, overwrite: bool = False) -> Path:
+    """Write delta = trained - base (float32) with metadata {format, base_fingerprint, **metadata}, atomically."""
+    delta = difference(trained, base, "the trained model")
+    meta = {"format": FORMAT, "base_fingerprint": fingerprint(base), **metadata}
+    return save_safetensors(delta, path, meta, overwrite=overwrite)
+
+
+def read_delta(path: str | os.PathLike, base: Offset, check_fingerprint: bool = True) -> tuple[Offset, dict]:
+    """Our delta for `base` (the base denoiser's state dict); returns (delta, metadata).
+
+    Raises:
+        CheckpointError: missing file, keys / shapes the base lacks, or a delta made for another base
+            (fingerprint mismatch; check_fingerprint=False, the CLIs' --ignore-fingerprint, overrides).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"delta not found: {path}. Make one with `python train.py --out DIR`.")
+    delta = load_state_dict(path)
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    check_offset(delta, base, str(path))
+    want = meta.get("base_fingerprint")
+    if check_fingerprint and want is not None:
+        have = fingerprint(base)
+        if want != have:
+            raise CheckpointError(
+                f"{path} was made for base model {meta.get('base', '?')} with fingerprint {want}, but the loaded base "
+                f"has fingerprint {have}. Load the base it was trained from (or pass --ignore-fingerprint if you know "
+                "the bases are equivalent).")
+    return {k: v.float() for k, v in delta.items()}, meta
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# LoRA key forms, matched after removing a leading `unet.` / `base_model.model.`; group 1 = the layer.
+LORA_FORMS = [
+    (r"(.+)\.lora_A\.weight", "down"), (r"(.+)\.lora_B\.weight", "up"),  # PEFT (get_peft_model_state_dict)
+    (r"(.+)\.lora(?:_linear_layer)?\.down\.weight", "down"),  # diffusers (convert_state_dict_to_diffusers):
+    (r"(.+)\.lora(?:_linear_layer)?\.up\.weight", "up"),  # the authors' sd15_beta500_2kiter.safetensors
+    (r"lora_unet_(\w+)\.lora_down\.weight", "down"), (r"lora_unet_(\w+)\.lora_up\.weight", "up"),  # kohya-ss
+    (r"(?:lora_unet_)?(.+)\.alpha", "alpha"),  # kohya-ss / some PEFT exports
+]
+
+
+def _metadata_alpha(meta: dict) -> float | None:
+    """lora_alpha from the `lora_adapter_metadata` that recent diffusers write into a LoRA's header."""
+    raw = json.loads(meta.get("lora_adapter_metadata") or "{}")
+    raw = {k.removeprefix("unet."): v for k, v in raw.items()}
+    if raw.get("use_dora") or raw.get("use_rslora"):
+        raise CheckpointError("DoRA / rsLoRA adapters are not supported: fuse them into a full model first.")
+    return raw.get("lora_alpha")
+
+
+def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None) -> Offset:
+    """A LoRA -> weight offsets `delta[layer.weight] = scale * up @ down` (float32, base's shapes).
+
+    down (A): `(r, in)` or conv `(r, in, kh, kw)`; up (B): `(out, r)` or `(out, r, 1, 1)`; the product
+    `(out, in * kh * kw)` is reshaped to the layer's weight. scale = alpha / r with a stored `.alpha`
+    (else the `alpha` argument, from the file's metadata), or 1 without any alpha (the diffusers/PEFT
+    convention lora_alpha = r, which the authors' NPO LoRA uses). Keys name layers in any LORA_FORMS.
+
+    Raises CheckpointError: a key names no layer of `base`, a text-encoder or DoRA LoRA, a layer with only
+    one of down / up, or a product whose size differs from the layer's weight.
+    """
+    layers = {k[: -len(".weight")] for k in base if k.endswith(".weight")}
+    underscored = {name.replace(".", "_"): name for name in layers}  # kohya-ss writes module paths with `_`
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in lora.items():
+        if key.startswith(("text_encoder", "lora_te")) or "dora_scale" in key or "magnitude_vector" in key:
+            raise CheckpointError(f"{key}: only denoiser (UNet / transformer) LoRAs without DoRA are supported; "
+                                  "this one changes more (only UNet LoRAs are read).")
+        k = re.sub(r"^(unet\.|transformer\.|base_model\.model\.)", "", key)
+        # old diffusers attention processors: attn1.processor.to_q_lora.down -> attn1.to_q.lora.down
+        k = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.", lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.", k)
+        match = next(((m[1], part) for pattern, part in LORA_FORMS if (m := re.fullmatch(pattern, k))), None)
+        layer = match and (match[0] if match[0] in layers else underscored.get(match[0]))
+        if not layer:
+            unknown.append(key)
+            continue
+        parts.setdefault(layer, {})[match[1]] = value
+    if unknown or not parts:
+        raise CheckpointError(f"{len(unknown)} of {len(lora)} LoRA keys name no layer of this model, e.g. {unknown[:3]}: "
+                              "a LoRA for another model, or an unsupported naming?")
+    delta = {}
+    for layer, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            raise CheckpointError(f"LoRA layer {layer} has {sorted(p)}, but needs both down (A) and up (B).")
+        down, up, weight = p["down"].float(), p["up"].float(), base[layer + ".weight"]
+        a = p["alpha"].item() if "alpha" in p else alpha
+        scale = 1.0 if a is None else a / down.shape[0]
+        product = scale * (up.flatten(1) @ down.flatten(1))  # (out, r) @ (r, in * kh * kw)
+        if product.numel() != weight.numel():
+            raise CheckpointError(f"LoRA layer {layer}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit weight {tuple(weight.shape)}.")
+        delta[layer + ".weight"] = product.reshape(weight.shape)
+    return delta
+
+
+# ----------------------------------------------------------------------------- any offset file
+
+
+def _keys(path: Path) -> list[str]:
+    """Tensor names of a checkpoint file; a .safetensors header is read without the tensors."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    return list(load_state_dict(path))
+
+
+def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[Path], Offset] | None = None,
+                check_fingerprint: bool = True, trust_delta: bool = False) -> Offset:
+    """An offset over the keys of `base` (the base denoiser's state dict), float32, from our delta, a LoRA
+    or a full fine-tuned model (see the module docstring). The same function gives delta and eta.
+
+    read_weights: the family's reader of a full denoiser checkpoint into module names (its key map);
+        without it, a full model must already be in module names.
+    A file in module names without our metadata is told apart by content: tensors about the size of
+    the base's (norm ratio >= 0.5) are a full model (offset = weights - base); much smaller ones are an
+    offset stripped of its metadata, refused unless trust_delta (the CLIs' --trust-delta), since its
+    base cannot be checked.
+    Raises:
+        CheckpointError: missing / unreadable file, a LoRA or delta that does not fit, a delta made for
+            another base, a full model of another architecture, an offset without metadata.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"offset checkpoint not found: {path}. Pass a delta.safetensors, a LoRA or a fine-tuned model.")
+    if path.is_dir():
+        for name in ("delta.safetensors", "pytorch_lora_weights.safetensors"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    if path.is_file():
+        meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+        if meta.get("format") == FORMAT:
+            return read_delta(path, base, check_fingerprint)[0]
+        if any("lora" in k for k in _keys(path)):
+            return lora_to_delta(load_state_dict(path), base, _metadata_alpha(meta))
+    names = _keys(path) if path.is_file() else []
+    if names and set(names) & set(base):  # already in module names: a full model or a bare offset
+        sd = load_state_dict(path)
+        check_offset(sd, base, str(path))
+        ratio = _norm(sd) / max(_norm({k: base[k] for k in sd}), 1e-12)
+        if ratio >= 0.5:
+            return difference(sd, base, str(path))
+        if not trust_delta:
+            raise CheckpointError(
+                f"{path} has no npo_min delta metadata and its tensors are {ratio:.3g} of the base's size: an offset whose "
+                "base cannot be checked. Pass --trust-delta to apply it as delta anyway, or re-save it with train.py.")
+        return {k: v.float() for k, v in sd.items()}
+    return difference(read_weights(path) if read_weights else load_state_dict(path), base, str(path))
+
+
+def _norm(sd: Offset) -> float:
+    return float(sum(v.float().pow(2).sum() for v in sd.values())) ** 0.5

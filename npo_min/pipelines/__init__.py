@@ -1,0 +1,139 @@
+"""One interface for every model family, and the per-model defaults of train.py and sample.py.
+
+A family lives in `npo_min/pipelines/<family>.py` and defines `load(weights, *, device, dtype, config,
+tokenizer) -> Pipeline`. The scripts only talk to a `Pipeline`:
+
+    pipe = load_pipeline("sd15", "weights/sd15")     # the family's load(), explicit arguments
+    pipe.denoiser                                    # f(x_t (B, ...), t (B,), cond) -> eps: trained, offset
+    pipe.encode(["a cat"]) / pipe.null_cond(n)       # c and c' (Cond: a tensor or a dict of tensors)
+    pipe.noise(n, seed, height, width)               # x_T, sample i drawn from seed + i
+    pipe.decode(x0)                                  # (B, C, H, W) images in [-1, 1]
+    pipe.read_weights(path)                          # a full denoiser checkpoint in module names (key map)
+    pipe.self_npo_batches(data, batch_size, gen)     # endless (x0, cond) batches for Self-NPO
+
+`MODELS` is the one table of per-model defaults: the base weights, the Self-NPO recipe and the
+sampler. Adding a family is adding its model files, its pipeline file and one row here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..guidance import Cond
+from ..schedule import NoiseSchedule
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: defaults under weights/ resolve from here
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Pipeline:
+    """What train.py and sample.py need from a model family (subclassed by each family).
+
+    Attributes:
+        denoiser: the network `f(x_t, t, cond) -> eps` that Self-NPO fine-tunes and offsets change.
+        schedule: its VP noise schedule (alphas_cumprod over T = 1000 timesteps).
+        name: a description of the loaded base (recorded in a delta's metadata).
+        class_names: the prompts of a class-conditional model (sample.py's default), else None.
+        latent_scale: pixels per latent pixel (8 for SD's VAE, 1 for pixel-space models).
+    """
+
+    denoiser: torch.nn.Module
+    schedule: NoiseSchedule
+    name: str
+    class_names: list[str] | None = None
+    latent_scale: int = 1
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """Prompts (class names for class-conditional models) -> the positive conditioning c, batch len(prompts)."""
+        raise NotImplementedError
+
+    def null_cond(self, n: int) -> Cond:
+        """The negative / unconditional conditioning c' of CFG, batch n."""
+        raise NotImplementedError
+
+    def noise_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one x_T `(C, h, w)` for an image of height x width pixels.
+
+        Raises ValueError: a size the model cannot produce (not a multiple of latent_scale, or < 1).
+        """
+        s = self.latent_scale
+        if height < 1 or width < 1 or height % s or width % s:
+            raise ValueError(f"--height and --width must be positive multiples of {s}; got {height} x {width}.")
+        return (self.denoiser.cfg.in_channels, height // s, width // s)
+
+    def noise(self, n: int, first_seed: int, height: int, width: int) -> torch.Tensor:
+        """x_T ~ N(0, I) `(n, C, h, w)`, float32 on the CPU; sample i from a generator seeded first_seed + i,
+        so a sample does not depend on the batch it is drawn in."""
+        shape = self.noise_shape(height, width)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(first_seed + i)) for i in range(n)])
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Denoised samples -> images `(B, C, H, W)` in [-1, 1] (clamped)."""
+        raise NotImplementedError
+
+    def read_weights(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """A full denoiser checkpoint of this family in the denoiser's module names (for weights - base)."""
+        raise NotImplementedError
+
+    def self_npo_batches(self, data: str | None, batch_size: int, generator: torch.Generator,
+                         resolution: int | None = None) -> Iterator[tuple[torch.Tensor, Cond]]:
+        """Endless `(x0 (B, C, h, w), cond)` batches of real data for Self-NPO's rollout start (Eq. 14)."""
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move every module of the pipeline (the denoiser included)."""
+        for module in vars(self).values():
+            if isinstance(module, torch.nn.Module):
+                module.to(device, dtype)
+        return self
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A row of MODELS: where the family's pipeline lives and its defaults (None = must be given)."""
+
+    module: str                      # the family's pipeline module
+    weights: str | None              # default base checkpoint, relative to the repository
+    train: dict = field(default_factory=dict)   # Self-NPO defaults: steps, batch_size, lr, ...
+    sample: dict = field(default_factory=dict)  # sampling defaults: guidance_scale, steps, solver, spacing, size
+    pretrain: dict | None = None     # `train.py --method pretrain` defaults; None = comes pretrained
+
+
+MODELS = {
+    # Sized for 2 CPU cores (README results); sampling as the digits benchmark (eval/benchmark).
+    "digits": ModelSpec(
+        "npo_min.pipelines.digits", "weights/digits",
+        train=dict(steps=400, batch_size=64, grad_accum=1, lr=1e-4, weight_decay=1e-3),
+        sample=dict(guidance_scale=3.0, steps=25, solver="ddim", spacing="trailing", height=8, width=8, batch_size=100),
+        pretrain=dict(steps=4000, batch_size=128, lr=1e-3)),  # AdamW, warm-up + cosine, 10% label dropout, EMA 0.999
+    # The authors' SD1.5 recipe (Self-NPO/train.sh): lr 1e-6, AdamW wd 1e-3, 1000 steps, batch 80 = 20 x 4
+    # accumulation on one GPU; sampling as their evaluation: DPM-Solver++(2M) 25 steps, scale 7.5, 512 px.
+    # Their DPMSolverMultistep used "linspace" spacing (999, 959, ..., 40); "trailing" (999, ..., 39) is the nearest here.
+    "sd15": ModelSpec(
+        "npo_min.pipelines.sd15", None,
+        train=dict(steps=1000, batch_size=20, grad_accum=4, lr=1e-6, weight_decay=1e-3),
+        sample=dict(guidance_scale=7.5, steps=25, solver="dpmpp_2m", spacing="trailing", height=512, width=512, batch_size=4)),
+}
+
+
+def default_weights(model: str) -> str | None:
+    """The spec's default base checkpoint as an absolute path (so the CLIs work from any directory)."""
+    w = MODELS[model].weights
+    return None if w is None else str(ROOT / w)
+
+
+def load_pipeline(model: str, weights: str | os.PathLike, **options) -> Pipeline:
+    """`MODELS[model]`'s family `load(weights, **options)`: device, dtype, config, tokenizer as the family takes.
+
+    Raises:
+        ValueError: unknown model name. CheckpointError: what the family's loader raises.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: choose one of {sorted(MODELS)}.")
+    return importlib.import_module(MODELS[model].module).load(weights, **options)
