@@ -1,4 +1,4 @@
-"""eval.imagereward against transformers' BLIP towers and BERT tokenizers (tiny random configs).
+"""eval.t2i.imagereward against transformers' BLIP towers and BERT tokenizers (tiny random configs).
 
 Oracles: `BlipTextModel` (transformers' port of BLIP's med.py BertModel; built with is_decoder=True so
 its layers get cross-attention, run with is_decoder=False, i.e. bidirectionally, as ImageReward does),
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import transformers
-from eval.imagereward import (
+from eval.t2i.imagereward import (
     IGNORED_KEYS,
     PRESETS,
     BertTokenizer,

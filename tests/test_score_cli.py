@@ -1,9 +1,9 @@
-"""`python -m eval.score`: the paired report on tiny random scorers written in their official layouts.
+"""`python -m eval.t2i.score`: the paired report on tiny random scorers written in their official layouts.
 
 Weights go to tmp_path/weights under the default names (PickScore_v1/ and clip-vit-large-patch14/
 as transformers save_pretrained folders, HPS_v2.1_compressed.pt as an OpenCLIP state dict under
 'state_dict' with a `module.` prefix, the aesthetic head as a plain .pth state dict, a CLIP
-tokenizer folder with a toy BPE); the scorer architectures (eval.scorers.PRESETS) are swapped for
+tokenizer folder with a toy BPE); the scorer architectures (eval.t2i.scorers.PRESETS) are swapped for
 tiny ones. The expected numbers are computed by calling the scorers directly and counting wins in
 plain Python.
 """
@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import scorers
-from eval.score import TITLES, main, match_prompts, read_prompts
+from eval.t2i import scorers
+from eval.t2i.score import TITLES, main, match_prompts, read_prompts
 from test_scorers import hf_clip, hf_to_open_clip_by_hand, randomize_, real_image, tiny_config, write_toy_bpe
 
 N = 6
@@ -72,11 +72,11 @@ def expected_scores(env) -> dict[str, tuple[list[float], list[float]]]:
 
 
 def test_report_table_json_and_csv(env, capsys, monkeypatch):
-    monkeypatch.delitem(sys.modules, "eval.imagereward", raising=False)
+    monkeypatch.delitem(sys.modules, "eval.t2i.imagereward", raising=False)
     code = main(env.base + ["--scorers", "pickscore,hpsv21,aesthetic", "--out", str(env.out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "eval.imagereward" not in sys.modules  # imported only when asked for
+    assert "eval.t2i.imagereward" not in sys.modules  # imported only when asked for
     report = json.loads(env.out.read_text())
     assert report["n"] == N and report["pairing"] == "index"
     assert [im["name"] for im in report["images"]] == [f"{i}.png" for i in range(N)]
@@ -108,9 +108,9 @@ def test_imagereward_is_loaded_lazily_through_its_interface(env, capsys, monkeyp
         calls.update(path=Path(path), device=device)
         return Brightness()
 
-    fake = types.ModuleType("eval.imagereward")
+    fake = types.ModuleType("eval.t2i.imagereward")
     fake.load_imagereward = load_imagereward
-    monkeypatch.setitem(sys.modules, "eval.imagereward", fake)
+    monkeypatch.setitem(sys.modules, "eval.t2i.imagereward", fake)
     (env.w / "imagereward").mkdir()
     assert main(env.base + ["--scorers", "imagereward", "--out", str(env.out)]) == 0, capsys.readouterr().err
     assert calls == {"path": env.w / "imagereward", "device": "cpu"}  # only the arguments it accepts

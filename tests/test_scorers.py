@@ -46,10 +46,10 @@ from npo_min.clip import (
     CLIPVisionConfig,
     CLIPVisionModel,
 )
-from eval.clip_checkpoints import load_clip, load_clip_vision, open_clip_to_hf
+from eval.t2i.clip_checkpoints import load_clip, load_clip_vision, open_clip_to_hf
 from npo_min.clip_tokenizer import load_tokenizer
-from eval import scorers
-from eval.scorers import Aesthetic, AestheticMLP, HPSv21, PickScore, preprocess_clip, preprocess_hps
+from eval.t2i import scorers
+from eval.t2i.scorers import Aesthetic, AestheticMLP, HPSv21, PickScore, preprocess_clip, preprocess_hps
 
 TOL = 1e-5
 PIXEL_TOL = 1e-6

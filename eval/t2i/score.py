@@ -1,7 +1,7 @@
 """Paired reward report of two image folders, as the Diffusion-NPO / Self-NPO tables show them.
 
-    python -m eval.score --a out/npo --b out/cfg --prompts pickapic_test_unique.txt
-    python -m eval.score --a A --b B --prompts prompts.jsonl --scorers pickscore,hpsv21 --out report.json
+    python -m eval.t2i.score --a out/npo --b out/cfg --prompts pickapic_test_unique.txt
+    python -m eval.t2i.score --a A --b B --prompts prompts.jsonl --scorers pickscore,hpsv21 --out report.json
 
 Pairing: A and B must hold the same image file names (.png .jpg .jpeg .webp .bmp, not recursive);
 an image without its namesake on the other side is an error naming it. Prompts come from a .txt
@@ -178,7 +178,7 @@ def clip_tokenizer_path(args, paths: dict[str, Path]) -> Path:
 
 def load_scorer(name: str, args, paths: dict[str, Path], device: str, dtype: torch.dtype):
     """An object with score(images, prompts) -> (N,) for one scorer name."""
-    from eval import scorers  # noqa: PLC0415  (keeps `--help` fast)
+    from eval.t2i import scorers  # noqa: PLC0415  (keeps `--help` fast)
 
     bs = args.batch_size
     if name == "pickscore":
@@ -189,9 +189,9 @@ def load_scorer(name: str, args, paths: dict[str, Path], device: str, dtype: tor
         return scorers.Aesthetic.load(paths["aesthetic"], paths["clip_l"], device, dtype, bs)
     if name == "imagereward":
         try:
-            from eval.imagereward import load_imagereward  # noqa: PLC0415  (only when asked for)
+            from eval.t2i.imagereward import load_imagereward  # noqa: PLC0415  (only when asked for)
         except ImportError as e:
-            raise ImportError(f"the imagereward scorer needs eval/imagereward.py ({e}); leave it out of --scorers.") from e
+            raise ImportError(f"the imagereward scorer needs eval/t2i/imagereward.py ({e}); leave it out of --scorers.") from e
         accepted = inspect.signature(load_imagereward).parameters
         options = {k: v for k, v in dict(device=device, dtype=dtype, batch_size=bs).items() if k in accepted}
         return load_imagereward(paths["imagereward"], **options)
@@ -256,7 +256,7 @@ def write_report(out: Path, csv_out: Path, report: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m eval.t2i.score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--a", required=True, help="folder of method A's images")

@@ -46,7 +46,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import nn
 
-from eval.scorers import resize_shortest_center_crop, to_normalized_tensor
+from eval.t2i.scorers import resize_shortest_center_crop, to_normalized_tensor
 from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
 
 # Config

@@ -8,7 +8,7 @@ the CPU, batched internally. All three see 224 x 224 images normalized with CLIP
   CLIPImageProcessor); score = logit_scale.exp() * cosine(image, text), about 21-23 on
   Pick-a-Pic.
 - HPSv2.1 (Wu et al. 2023): OpenCLIP ViT-H/14 (`HPS_v2.1_compressed.pt`, mapped with
-  eval.clip_checkpoints.open_clip_to_hf); longest side -> 224 bicubic, pad to a square with black, as
+  eval.t2i.clip_checkpoints.open_clip_to_hf); longest side -> 224 bicubic, pad to a square with black, as
   HPSv2's `ResizeMaxSize`; OpenCLIP's tokenizer (pads with id 0, HTML entities unescaped);
   score = 100 * cosine (HPSv2's own `score()` returns the cosine itself; papers print x100, ~27-30).
 - Aesthetic (LAION improved-aesthetic-predictor): OpenAI CLIP ViT-L/14 image embedding,
@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
-from eval.clip_checkpoints import load_clip, load_clip_vision
+from eval.t2i.clip_checkpoints import load_clip, load_clip_vision
 from npo_min.clip import CLIPModel, CLIPVisionModel
 from npo_min.clip_tokenizer import CLIPTokenizer, load_tokenizer
 
