@@ -1,7 +1,8 @@
 """Image rewards of the Diffusion-NPO / Self-NPO text-to-image evaluation: PickScore, HPSv2.1, LAION aesthetic.
 
-Each scorer has `score(images: list[PIL.Image], prompts: list[str]) -> Tensor (N,)`, float32 on
-the CPU, batched internally. All three see 224 x 224 images normalized with CLIP's mean / std:
+Every scorer, ImageReward (imagereward.py) included, implements `Scorer`: `Cls.load(*paths, device=,
+dtype=, batch_size=, preset=)` and `score(images: list[PIL.Image], prompts: list[str]) -> Tensor (N,)`,
+float32 on the CPU, batched internally. All three here see 224 x 224 images normalized with CLIP's mean / std:
 
 - PickScore (Kirstain et al. 2023): CLIP ViT-H/14 in the transformers layout
   (yuvalkirstain/PickScore_v1); shortest side -> 224 bicubic, center crop (transformers'
@@ -12,9 +13,10 @@ the CPU, batched internally. All three see 224 x 224 images normalized with CLIP
   HPSv2's `ResizeMaxSize`; OpenCLIP's tokenizer (pads with id 0, HTML entities unescaped);
   score = 100 * cosine (HPSv2's own `score()` returns the cosine itself; papers print x100, ~27-30).
 - Aesthetic (LAION improved-aesthetic-predictor): OpenAI CLIP ViT-L/14 image embedding,
-  L2-normalised, -> Linear 768-1024-128-64-16-1 without activations (`sac+logos+ava1-l14-linearMSE.pth`,
-  keys layers.{0,2,4,6,7}); the prompt is not used. Preprocessing as OpenAI CLIP's torchvision
-  pipeline (Resize + CenterCrop, whose crop offset rounds where transformers' floors).
+  L2-normalised, -> RewardMLP: Linear 768-1024-128-64-16-1 without activations, the same head as
+  ImageReward's (`sac+logos+ava1-l14-linearMSE.pth`, keys layers.{0,2,4,6,7}); the prompt is not used.
+  Preprocessing as OpenAI CLIP's torchvision pipeline (Resize + CenterCrop, whose crop offset rounds
+  where transformers' floors).
 
 Resizing uses pillow's bicubic filter, as both reference pipelines do on PIL images, so the
 preprocessed pixels match them exactly (up to float rounding). Non-RGB images are converted with
@@ -38,7 +40,7 @@ from torch import nn
 
 from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
 from eval.t2i.clip_checkpoints import load_clip, load_clip_vision
-from npo_min.clip import CLIPModel, CLIPVisionModel
+from npo_min.clip import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 from npo_min.clip_tokenizer import CLIPTokenizer, load_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -113,55 +115,100 @@ def clean_prompt_open_clip(text: str) -> str:
     return " ".join(html.unescape(html.unescape(text)).split())
 
 
-def _check_pairs(images: list, prompts: list | None) -> None:
-    if prompts is not None and len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts: score needs one prompt per image.")
+# ----------------------------------------------------------------------------------------------
+# The scorer interface
 
 
-def _batches(n: int, batch_size: int):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
+class Scorer:
+    """The interface of every text-to-image scorer: PickScore, HPSv21, Aesthetic (here), ImageReward (imagereward.py).
+
+    Load:   `Cls.load(*paths, device="cpu", dtype=torch.float32, batch_size=16, preset=None)`; paths are the
+            scorer's weight files (its load docstring names them), preset its architecture (None: the
+            published one; tests pass tiny configs). The weights load strictly, in eval mode, gradients off.
+    Score:  `score(images: list[PIL.Image], prompts: list[str]) -> (N,)` float32 on the CPU, one score per
+            (images[i], prompts[i]) pair, computed `batch_size` pairs at a time; a pair's score does not
+            depend on the batch (up to float rounding). Every scorer takes the prompts; Aesthetic ignores them.
+    State:  `model` (the nn.Module that holds the weights), `batch_size`; `device` and `dtype` are the model's.
+
+    A scorer writes `load` and `score_batch`; batching and the input checks are `score`'s.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.model, self.batch_size = model, batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @classmethod
+    def load(cls, *paths: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             batch_size: int = 16, preset=None) -> "Scorer":
+        raise NotImplementedError
+
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """Scores (B,) of one batch of pairs (any float dtype, any device)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """One score per (images[i], prompts[i]) pair: (N,) float32 on the CPU; (0,) for no images.
+
+        Raises:
+            ValueError: different numbers of images and prompts, or batch_size < 1.
+            TypeError: an image that is not a PIL image, or a prompt that is not a str.
+        """
+        images, prompts = list(images), list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts: pass one prompt per image.")
+        for im in images:
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"images must be PIL images (PIL.Image.Image), got {type(im).__name__}.")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be str, got {type(p).__name__}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        bs = self.batch_size
+        out = [self.score_batch(images[i:i + bs], prompts[i:i + bs]).float().cpu() for i in range(0, len(images), bs)]
+        return torch.cat(out) if out else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------------------------
 # CLIP image-text scorers
 
 
-class CLIPScorer:
+class CLIPScorer(Scorer):
     """scale * cosine(image embedding, prompt embedding) with a two-tower CLIPModel.
 
     Args:
-        model: a CLIPModel (eval mode), already on `device`.
+        model: a CLIPModel (eval mode), already on its device.
         tokenizer: prompts -> (B, 77) ids.
         preprocess: PIL image -> (3, 224, 224) normalized tensor.
         scale: a number, or None for the model's own logit_scale.exp().
         clean_prompt: applied to every prompt before tokenizing (None: as is).
+        batch_size: pairs per forward pass.
     """
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, preprocess: Callable[[Image.Image], torch.Tensor],
                  scale: float | None = None, clean_prompt: Callable[[str], str] | None = None,
                  batch_size: int = 16):
-        self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
+        super().__init__(model, batch_size)
+        self.tokenizer, self.preprocess, self.clean_prompt = tokenizer, preprocess, clean_prompt
         self.scale = float(model.logit_scale.detach().float().exp()) if scale is None else float(scale)
-        self.clean_prompt = clean_prompt
-        self.batch_size = batch_size
 
-    @torch.no_grad()
-    def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        """One score per (image, prompt) pair: (N,) float32 on the CPU. ValueError if the lengths differ."""
-        _check_pairs(images, prompts)
-        param = next(self.model.parameters())
-        out = []
-        for batch in _batches(len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[batch]]).to(param.device, param.dtype)
-            texts = prompts[batch] if self.clean_prompt is None else [self.clean_prompt(p) for p in prompts[batch]]
-            ids = self.tokenizer(list(texts)).to(param.device)
-            img = F.normalize(self.model.get_image_features(pixels).float(), dim=-1)
-            txt = F.normalize(self.model.get_text_features(ids).float(), dim=-1)
-            out.append((self.scale * (img * txt).sum(-1)).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)  # (B, 3, 224, 224)
+        texts = prompts if self.clean_prompt is None else [self.clean_prompt(p) for p in prompts]
+        ids = self.tokenizer(texts).to(self.device)  # (B, 77)
+        img = F.normalize(self.model.get_image_features(pixels).float(), dim=-1)
+        txt = F.normalize(self.model.get_text_features(ids).float(), dim=-1)
+        return self.scale * (img * txt).sum(-1)
 
 
 def _as_tokenizer(tokenizer: str | os.PathLike | CLIPTokenizer, **kw) -> CLIPTokenizer:
@@ -178,11 +225,13 @@ class PickScore(CLIPScorer):
         super().__init__(model, tokenizer, preprocess_clip, scale=None, batch_size=batch_size)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, tokenizer: str | os.PathLike | CLIPTokenizer, device: str = "cpu",
-             dtype: torch.dtype = torch.float32, batch_size: int = 16) -> "PickScore":
+    def load(cls, path: str | os.PathLike, tokenizer: str | os.PathLike | CLIPTokenizer, *,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16,
+             preset: str | CLIPConfig | None = None) -> "PickScore":
         """path: a transformers CLIPModel folder (yuvalkirstain/PickScore_v1) or file; tokenizer: a CLIP
-        tokenizer folder (vocab.json + merges.txt) or CLIP's bpe_simple_vocab_16e6.txt.gz."""
-        model = load_clip(path, PRESETS["pickscore"], dtype).to(device)
+        tokenizer folder (vocab.json + merges.txt) or CLIP's bpe_simple_vocab_16e6.txt.gz; preset: None for
+        PRESETS["pickscore"]. Raises: as load_clip (CheckpointError) and load_tokenizer."""
+        model = load_clip(path, PRESETS["pickscore"] if preset is None else preset, dtype).to(device)
         return cls(model, _as_tokenizer(tokenizer), batch_size)
 
 
@@ -194,72 +243,79 @@ class HPSv21(CLIPScorer):
                          batch_size=batch_size)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, tokenizer: str | os.PathLike | CLIPTokenizer, device: str = "cpu",
-             dtype: torch.dtype = torch.float32, batch_size: int = 16) -> "HPSv21":
+    def load(cls, path: str | os.PathLike, tokenizer: str | os.PathLike | CLIPTokenizer, *,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16,
+             preset: str | CLIPConfig | None = None) -> "HPSv21":
         """path: `HPS_v2.1_compressed.pt` (OpenCLIP layout, weights under 'state_dict'); tokenizer: as
-        PickScore.load (a path is loaded with pad id 0, as OpenCLIP pads)."""
-        model = load_clip(path, PRESETS["hpsv21"], dtype).to(device)
+        PickScore.load (a path is loaded with pad id 0, as OpenCLIP pads); preset: None for PRESETS["hpsv21"]."""
+        model = load_clip(path, PRESETS["hpsv21"] if preset is None else preset, dtype).to(device)
         return cls(model, _as_tokenizer(tokenizer, pad_id=0), batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
-# LAION aesthetic predictor
+# The reward MLP (LAION aesthetic predictor, ImageReward) and the aesthetic predictor
 
 
-class AestheticMLP(nn.Module):
-    """improved-aesthetic-predictor's head: Linear layers 768-1024-128-64-16-1, no activations.
+class RewardMLP(nn.Module):
+    """The head of both the LAION aesthetic predictor and ImageReward v1.0 (upstream each is a class `MLP`
+    with the same `layers`): Linear(in_width, 1024), Dropout(0.2), Linear(1024, 128), Dropout(0.2),
+    Linear(128, 64), Dropout(0.1), Linear(64, 16), Linear(16, 1).
 
-    The dropouts (0.2, 0.2, 0.1) sit between the first four Linear layers, hence the checkpoint
-    keys layers.{0,2,4,6,7}; they do nothing in eval mode.
+    No activations (ImageReward's are commented out upstream): the head is one affine map, kept factored so
+    the checkpoints' keys load as they are: `layers.{0,2,4,6,7}.{weight,bias}` in
+    sac+logos+ava1-l14-linearMSE.pth, `mlp.layers.{0,2,4,6,7}.*` in ImageReward.pt (1, 3, 5 are the Dropout
+    slots, which do nothing in eval mode).
+
+    Args:
+        in_width: the input feature width (768: CLIP ViT-L/14's image embedding, ImageReward's BERT [CLS]).
+        widths: the four hidden widths (tests use smaller ones).
     """
 
-    def __init__(self, dim: int = 768):
+    def __init__(self, in_width: int = 768, widths: tuple[int, ...] = (1024, 128, 64, 16)):
         super().__init__()
+        a, b, c, d = widths
         self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
+            nn.Linear(in_width, a), nn.Dropout(0.2),
+            nn.Linear(a, b), nn.Dropout(0.2),
+            nn.Linear(b, c), nn.Dropout(0.1),
+            nn.Linear(c, d),
+            nn.Linear(d, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, dim) L2-normalised image embeddings -> (B,) scores (about 1-10)."""
+        """(B, in_width) features -> (B,) raw rewards."""
         return self.layers(x).squeeze(-1)
 
 
-class Aesthetic:
-    """MLP(normalize(CLIP ViT-L/14 image embedding)). Prompts are accepted for the common interface and ignored."""
+class Aesthetic(Scorer):
+    """RewardMLP(normalize(CLIP ViT-L/14 image embedding)), about 1-10. Prompts are taken, as by every
+    scorer, and ignored. `model` is the CLIP image tower (its device and dtype); the head stays float32."""
 
-    def __init__(self, vision: CLIPVisionModel, head: AestheticMLP, batch_size: int = 16):
-        self.vision, self.head, self.batch_size = vision, head, batch_size
+    def __init__(self, vision: CLIPVisionModel, head: RewardMLP, batch_size: int = 16):
+        super().__init__(vision, batch_size)
+        self.head = head
 
-    @torch.no_grad()
-    def score(self, images: list[Image.Image], prompts: list[str] | None = None) -> torch.Tensor:
-        """One score per image: (N,) float32 on the CPU. ValueError if prompts are given with another length."""
-        _check_pairs(images, prompts)
-        param = next(self.vision.parameters())
-        out = []
-        for batch in _batches(len(images), self.batch_size):
-            pixels = torch.stack([preprocess_clip(im, crop_rounding="round") for im in images[batch]])
-            emb = self.vision(pixels.to(param.device, param.dtype)).float()
-            out.append(self.head(F.normalize(emb, dim=-1)).cpu())  # the head stays float32
-        return torch.cat(out) if out else torch.zeros(0)
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        pixels = torch.stack([preprocess_clip(im, crop_rounding="round") for im in images])  # (B, 3, 224, 224)
+        emb = self.model(pixels.to(self.device, self.dtype)).float()  # (B, 768)
+        return self.head(F.normalize(emb, dim=-1))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, clip_path: str | os.PathLike, device: str = "cpu",
-             dtype: torch.dtype = torch.float32, batch_size: int = 16) -> "Aesthetic":
+    def load(cls, path: str | os.PathLike, clip_path: str | os.PathLike, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, batch_size: int = 16,
+             preset: str | CLIPVisionConfig | CLIPConfig | None = None) -> "Aesthetic":
         """path: the head `sac+logos+ava1-l14-linearMSE.pth` (read with weights_only=True); clip_path:
-        OpenAI CLIP ViT-L/14, e.g. the openai/clip-vit-large-patch14 folder (only its image tower is loaded)."""
-        vision = load_clip_vision(clip_path, PRESETS["aesthetic"], dtype).to(device)
-        head = AestheticMLP(vision.cfg.projection_dim)
+        OpenAI CLIP ViT-L/14, e.g. the openai/clip-vit-large-patch14 folder (only its image tower is loaded);
+        preset: None for PRESETS["aesthetic"]. Raises: CheckpointError (missing file, keys or shapes)."""
+        vision = load_clip_vision(clip_path, PRESETS["aesthetic"] if preset is None else preset, dtype).to(device)
+        head = RewardMLP(vision.cfg.projection_dim)
         sd = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
         load_into(head, sd, what=f"aesthetic MLP ({Path(path).name})")
         return cls(vision, head.to(device).eval().requires_grad_(False), batch_size)
 
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "PRESETS", "Aesthetic", "AestheticMLP", "CLIPScorer", "CheckpointError", "HPSv21",
-    "PickScore", "clean_prompt_open_clip", "preprocess_clip", "preprocess_hps", "resize_longest_pad",
+    "CLIP_MEAN", "CLIP_STD", "PRESETS", "Aesthetic", "CLIPScorer", "CheckpointError", "HPSv21", "PickScore",
+    "RewardMLP", "Scorer", "clean_prompt_open_clip", "preprocess_clip", "preprocess_hps", "resize_longest_pad",
     "resize_shortest_center_crop", "to_normalized_tensor",
 ]
