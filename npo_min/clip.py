@@ -25,7 +25,7 @@ scorers) and the two-tower `CLIPModel` follow transformers' `CLIPModel` layout:
     visual_projection.weight, text_model.*, text_projection.weight, logit_scale
 
 The scorers' two-tower checkpoints (HF CLIPModel folders, OpenCLIP `.pt` files such as HPSv2.1)
-load through `eval/clip_checkpoints.py`.
+load through `eval/t2i/clip_checkpoints.py`.
 
 The BPE tokenizer is in `npo_min/clip_tokenizer.py`.
 """

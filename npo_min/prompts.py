@@ -1,6 +1,6 @@
 """Prompt files: .txt (one prompt a line), .jsonl ("prompt" or "caption" field), .csv (same columns).
 
-Shared by `sample.py --model sd15` (prompt i -> image i) and `eval.score` (image i <- prompt i).
+Shared by `sample.py --model sd15` (prompt i -> image i) and `eval.t2i.score` (image i <- prompt i).
 """
 
 from __future__ import annotations

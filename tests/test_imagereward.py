@@ -1,4 +1,4 @@
-"""eval.imagereward against transformers' BLIP towers and BERT tokenizers (tiny random configs).
+"""eval.t2i.imagereward against transformers' BLIP towers and BERT tokenizers (tiny random configs).
 
 Oracles: `BlipTextModel` (transformers' port of BLIP's med.py BertModel; built with is_decoder=True so
 its layers get cross-attention, run with is_decoder=False, i.e. bidirectionally, as ImageReward does),
@@ -17,17 +17,17 @@ import torch
 from PIL import Image
 
 import transformers
-from eval.imagereward import (
+from eval.t2i.imagereward import (
     IGNORED_KEYS,
     PRESETS,
     BertTokenizer,
     ImageRewardConfig,
     ImageRewardModel,
-    RewardHead,
-    load_imagereward,
+    ImageReward,
     preprocess,
     read_vocab,
 )
+from eval.t2i.scorers import RewardMLP
 from npo_min.checkpoint import CheckpointError, load_into
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
@@ -133,7 +133,7 @@ def towers():
     """(transformers vision, transformers text, our ImageRewardModel) with identical random weights."""
     vref = randomize_(hf_vision_model(TINY), seed=1)
     tref = randomize_(hf_text_model(TINY), seed=2)
-    head = randomize_(RewardHead(TINY.text_width, TINY.head_widths), seed=3)
+    head = randomize_(RewardMLP(TINY.text_width, TINY.head_widths), seed=3)
     model = ImageRewardModel(TINY).eval()
     sd = {f"blip.visual_encoder.{k}": v for k, v in vision_to_official(vref.state_dict()).items()}
     sd |= {f"blip.text_encoder.{k}": v for k, v in tref.state_dict().items()}
@@ -237,7 +237,7 @@ def test_reward_matches_composed_oracle(towers):
 
 
 def test_head_is_affine_with_official_keys():
-    head = randomize_(RewardHead(768), seed=4).eval()
+    head = randomize_(RewardMLP(768), seed=4).eval()
     assert [k for k in head.state_dict() if k.endswith("weight")] == [f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)]
     assert [tuple(head.state_dict()[f"layers.{i}.weight"].shape) for i in (0, 2, 4, 6, 7)] == [
         (1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
@@ -412,11 +412,11 @@ def write_checkpoint(folder: Path, sd: dict[str, torch.Tensor], extra: bool = Tr
 def test_load_and_score_end_to_end(towers, tmp_path):
     vref, tref, _, sd = towers
     assert set(IGNORED_KEYS) >= {"blip.vision_proj.weight", "blip.text_encoder.embeddings.position_ids"}
-    scorer = load_imagereward(write_checkpoint(tmp_path / "ir", sd), preset=TINY)
+    scorer = ImageReward.load(write_checkpoint(tmp_path / "ir", sd), preset=TINY, batch_size=2)
     assert not scorer.model.training and not any(p.requires_grad for p in scorer.model.parameters())
     images = [random_image(40, 40, seed=1), random_image(70, 33, seed=2), random_image(33, 90, "L", seed=3)]
     prompts = PROMPTS[:2] + ["a cat at night"]
-    got = scorer.score(images, prompts, batch_size=2)
+    got = scorer.score(images, prompts)
 
     slow, _ = blip_tokenizers(tmp_path / "ir" / "vocab.txt")
     text = slow(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -437,14 +437,15 @@ def test_load_and_score_end_to_end(towers, tmp_path):
     assert scorer.score([], []).shape == (0,)
 
     # the .pt path itself, a 'state_dict' wrapper, and no unused keys all load the same weights
-    scorer2 = load_imagereward(write_checkpoint(tmp_path / "wrapped", sd, extra=False, wrap=True) / "ImageReward.pt",
-                               preset=TINY)
-    assert torch.equal(scorer2.score(images, prompts, batch_size=3), scorer.score(images, prompts, batch_size=3))
+    scorer2 = ImageReward.load(write_checkpoint(tmp_path / "wrapped", sd, extra=False, wrap=True) / "ImageReward.pt",
+                               preset=TINY, batch_size=3)
+    scorer.batch_size = 3
+    assert torch.equal(scorer2.score(images, prompts), scorer.score(images, prompts))
 
 
 def test_score_errors(towers, tmp_path):
     _, _, _, sd = towers
-    scorer = load_imagereward(write_checkpoint(tmp_path, sd), preset=TINY)
+    scorer = ImageReward.load(write_checkpoint(tmp_path, sd), preset=TINY)
     img = random_image(32, 32)
     with pytest.raises(ValueError, match="one prompt per image"):
         scorer.score([img, img], ["a"])
@@ -452,35 +453,38 @@ def test_score_errors(towers, tmp_path):
         scorer.score([torch.zeros(3, 32, 32)], ["a"])
     with pytest.raises(TypeError, match="str"):
         scorer.score([img], [None])
+    scorer.batch_size = 0
     with pytest.raises(ValueError, match="batch_size"):
-        scorer.score([img], ["a"], batch_size=0)
+        scorer.score([img], ["a"])
+    with pytest.raises(ValueError, match="batch_size"):
+        ImageReward(scorer.model, scorer.tokenizer, batch_size=0)
 
 
 def test_load_errors(towers, tmp_path):
     _, _, _, sd = towers
     with pytest.raises(CheckpointError, match=r"ImageReward\.pt.*weights/imagereward/ImageReward\.pt"):
-        load_imagereward(tmp_path / "empty", preset=TINY)
+        ImageReward.load(tmp_path / "empty", preset=TINY)
     folder = write_checkpoint(tmp_path / "novocab", sd)
     (folder / "vocab.txt").unlink()
     with pytest.raises(CheckpointError, match=r"vocab\.txt.*weights/imagereward/vocab\.txt"):
-        load_imagereward(folder, preset=TINY)
+        ImageReward.load(folder, preset=TINY)
 
     missing = {k: v for k, v in sd.items() if k != "blip.text_encoder.encoder.layer.1.crossattention.self.key.bias"}
     with pytest.raises(CheckpointError, match=r"missing keys \(1\):\s+blip\.text_encoder\.encoder\.layer\.1\."):
-        load_imagereward(write_checkpoint(tmp_path / "missing", missing), preset=TINY)
+        ImageReward.load(write_checkpoint(tmp_path / "missing", missing), preset=TINY)
     unexpected = {**sd, "blip.itm_head.weight": torch.zeros(2, TINY.text_width)}
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\):\s+blip\.itm_head\.weight"):
-        load_imagereward(write_checkpoint(tmp_path / "unexpected", unexpected), preset=TINY)
+        ImageReward.load(write_checkpoint(tmp_path / "unexpected", unexpected), preset=TINY)
     with pytest.raises(CheckpointError, match="shape mismatches"):  # a v1.0-sized table in a tiny model
         bad = {**sd, "blip.visual_encoder.pos_embed": torch.zeros(1, 197, TINY.vision_width)}
-        load_imagereward(write_checkpoint(tmp_path / "shape", bad), preset=TINY)
+        ImageReward.load(write_checkpoint(tmp_path / "shape", bad), preset=TINY)
 
     folder = write_checkpoint(tmp_path / "wrongvocab", sd)
     write_vocab(folder, VOCAB + ["extra"])
     with pytest.raises(CheckpointError, match="word embeddings"):
-        load_imagereward(folder, preset=TINY)
+        ImageReward.load(folder, preset=TINY)
     with pytest.raises(ValueError, match="unknown ImageReward preset"):
-        load_imagereward(folder, preset="v2")
+        ImageReward.load(folder, preset="v2")
 
 
 def test_config_validation():

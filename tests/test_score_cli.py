@@ -1,9 +1,9 @@
-"""`python -m eval.score`: the paired report on tiny random scorers written in their official layouts.
+"""`python -m eval.t2i.score`: the paired report on tiny random scorers written in their official layouts.
 
 Weights go to tmp_path/weights under the default names (PickScore_v1/ and clip-vit-large-patch14/
 as transformers save_pretrained folders, HPS_v2.1_compressed.pt as an OpenCLIP state dict under
 'state_dict' with a `module.` prefix, the aesthetic head as a plain .pth state dict, a CLIP
-tokenizer folder with a toy BPE); the scorer architectures (eval.scorers.PRESETS) are swapped for
+tokenizer folder with a toy BPE); the scorer architectures (eval.t2i.scorers.PRESETS) are swapped for
 tiny ones. The expected numbers are computed by calling the scorers directly and counting wins in
 plain Python.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -21,8 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import scorers
-from eval.score import TITLES, main, match_prompts, read_prompts
+from eval.t2i import scorers
+from eval.t2i.score import TITLES, main, match_prompts, parse_args, read_prompts
 from test_scorers import hf_clip, hf_to_open_clip_by_hand, randomize_, real_image, tiny_config, write_toy_bpe
 
 N = 6
@@ -42,7 +44,7 @@ def env(tmp_path, monkeypatch):
     (w / "hps").mkdir()
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in hps.items()}}, w / "hps/HPS_v2.1_compressed.pt")
     hf_clip(vit_l, seed=4).save_pretrained(w / "aesthetic/clip-vit-large-patch14")
-    torch.save(randomize_(scorers.AestheticMLP(), seed=3).state_dict(), w / "aesthetic/sac+logos+ava1-l14-linearMSE.pth")
+    torch.save(randomize_(scorers.RewardMLP(), seed=3).state_dict(), w / "aesthetic/sac+logos+ava1-l14-linearMSE.pth")
     shutil.copytree(tok_dir, w / "clip_tokenizer")  # the PickScore folder has no tokenizer files here
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -72,11 +74,11 @@ def expected_scores(env) -> dict[str, tuple[list[float], list[float]]]:
 
 
 def test_report_table_json_and_csv(env, capsys, monkeypatch):
-    monkeypatch.delitem(sys.modules, "eval.imagereward", raising=False)
+    monkeypatch.delitem(sys.modules, "eval.t2i.imagereward", raising=False)
     code = main(env.base + ["--scorers", "pickscore,hpsv21,aesthetic", "--out", str(env.out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "eval.imagereward" not in sys.modules  # imported only when asked for
+    assert "eval.t2i.imagereward" not in sys.modules  # imported only when asked for
     report = json.loads(env.out.read_text())
     assert report["n"] == N and report["pairing"] == "index"
     assert [im["name"] for im in report["images"]] == [f"{i}.png" for i in range(N)]
@@ -97,23 +99,25 @@ def test_report_table_json_and_csv(env, capsys, monkeypatch):
 
 
 def test_imagereward_is_loaded_lazily_through_its_interface(env, capsys, monkeypatch):
-    """eval.imagereward is another module's job: only `load_imagereward(path, ...)` -> .score() is assumed."""
+    """score.py assumes only the Scorer interface: `ImageReward.load(path, device=, dtype=, batch_size=)` -> .score()."""
     calls = {}
 
     class Brightness:
         def score(self, images, prompts):
             return torch.tensor([sum(im.convert("L").getdata()) / (im.width * im.height) for im in images])
 
-    def load_imagereward(path, device="cpu"):
-        calls.update(path=Path(path), device=device)
-        return Brightness()
+    class ImageReward:
+        @classmethod
+        def load(cls, path, *, device="cpu", dtype=torch.float32, batch_size=16, preset=None):
+            calls.update(path=Path(path), device=device, dtype=dtype, batch_size=batch_size)
+            return Brightness()
 
-    fake = types.ModuleType("eval.imagereward")
-    fake.load_imagereward = load_imagereward
-    monkeypatch.setitem(sys.modules, "eval.imagereward", fake)
+    fake = types.ModuleType("eval.t2i.imagereward")
+    fake.ImageReward = ImageReward
+    monkeypatch.setitem(sys.modules, "eval.t2i.imagereward", fake)
     (env.w / "imagereward").mkdir()
     assert main(env.base + ["--scorers", "imagereward", "--out", str(env.out)]) == 0, capsys.readouterr().err
-    assert calls == {"path": env.w / "imagereward", "device": "cpu"}  # only the arguments it accepts
+    assert calls == {"path": env.w / "imagereward", "device": "cpu", "dtype": torch.float32, "batch_size": 4}
     s = json.loads(env.out.read_text())["summary"]["imagereward"]
     assert s["ties"] == 1 and "ImageReward" in capsys.readouterr().out
 
@@ -204,3 +208,38 @@ def test_match_prompts_rules():
         match_prompts(["0001_s1.png", "1_s2.png", "2.png"], ["x", "y", "z"])
     with pytest.raises(ValueError, match="7.png: prompt index 7 is out of range for 3 prompts"):
         match_prompts(["0.png", "1.png", "7.png"], ["x", "y", "z"])
+
+
+# ---------------------------------------------------------------------------------------------- any working directory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(args: list[str], cwd: Path):
+    """`python -m eval.t2i.score ARGS` in a fresh interpreter, from cwd, with only the repository on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "eval.t2i.score", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_entry_point_runs_from_any_working_directory(tmp_path):
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "weights").exists()
+    done = run_module(["--help"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "python -m eval.t2i.score" in done.stdout and "--weights-dir" in done.stdout
+    # bad input: one image pair, two prompts -> the one-line error, exit code 2, nothing written
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        real_image(32, 32, seed=0).save(tmp_path / side / "0.png")
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    done = run_module(["--a", "a", "--b", "b", "--prompts", "p.txt", "--scorers", "aesthetic"], tmp_path)
+    assert done.returncode == 2 and "error: 1 image pairs but 2 prompts" in done.stderr, done.stderr
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_default_weights_dir_is_the_repositorys(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--a", "a", "--b", "b", "--prompts", "p.txt"])
+    assert Path(args.weights_dir) == REPO / "weights" and Path(args.weights_dir).is_absolute()
+    from eval.t2i.imagereward import DEFAULT_DIR  # noqa: PLC0415  (test_report_table_json_and_csv wants it unimported)
+    assert DEFAULT_DIR == REPO / "weights" / "imagereward"

@@ -46,10 +46,10 @@ from npo_min.clip import (
     CLIPVisionConfig,
     CLIPVisionModel,
 )
-from eval.clip_checkpoints import load_clip, load_clip_vision, open_clip_to_hf
+from eval.t2i.clip_checkpoints import load_clip, load_clip_vision, open_clip_to_hf
 from npo_min.clip_tokenizer import load_tokenizer
-from eval import scorers
-from eval.scorers import Aesthetic, AestheticMLP, HPSv21, PickScore, preprocess_clip, preprocess_hps
+from eval.t2i import scorers
+from eval.t2i.scorers import Aesthetic, HPSv21, PickScore, RewardMLP, preprocess_clip, preprocess_hps
 
 TOL = 1e-5
 PIXEL_TOL = 1e-6
@@ -585,7 +585,7 @@ def test_aesthetic_matches_independent_computation(tmp_path, monkeypatch):
     cfg = tiny_config("quick_gelu", proj=768)
     ref = hf_clip(cfg, seed=8)
     ref.save_pretrained(tmp_path / "clip-l")
-    head = randomize_(AestheticMLP(), seed=9)
+    head = randomize_(RewardMLP(), seed=9)
     torch.save(head.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
     assert sorted(head.state_dict()) == [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("bias", "weight")]
     images = scorer_images()
@@ -596,7 +596,8 @@ def test_aesthetic_matches_independent_computation(tmp_path, monkeypatch):
     sd = {k: v.double().numpy() for k, v in head.state_dict().items()}
     for i in (0, 2, 4, 6, 7):  # no activations between the layers
         x = x @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
-    ours = Aesthetic(load_clip_vision(tmp_path / "clip-l", cfg.vision), head.eval(), batch_size=2).score(images)
+    ours = Aesthetic(load_clip_vision(tmp_path / "clip-l", cfg.vision), head.eval(), batch_size=2).score(
+        images, [""] * len(images))
     err = maxerr(ours, x[:, 0])
     print(f"Aesthetic vs numpy: {err:.2e} (scores {ours.tolist()})")
     assert err <= TOL and ours.std() > 1e-3

@@ -342,7 +342,7 @@ def test_train_then_sample_cli(ckpt, bundle, tmp_path):
     assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
     delta = load_offset(out, bundle.denoiser.state_dict(), READ)  # fingerprint of the same base
     assert sorted(delta) == sorted(bundle.denoiser.state_dict()) and any(v.abs().max() > 0 for v in delta.values())
-    (tmp_path / "prompts.jsonl").write_text(json.dumps({"caption": "a cat"}) + "\n")  # as eval.score reads them
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"caption": "a cat"}) + "\n")  # as eval.t2i.score reads them
     run_cli("sample.py", "--model", "sd15", "--weights", str(ckpt["folder"]), "--neg-ckpt", str(out / "delta.safetensors"),
             "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "samples"), "--steps", "2",
             "--height", "64", "--width", "64", "--device", "cpu")

@@ -8,7 +8,8 @@ Generation". The model scores one (image, prompt) pair:
     prompt -> bert-base-uncased WordPiece, [CLS] ... [SEP], padded / truncated to 35 tokens
         -> BERT-base `blip.text_encoder` whose every layer also cross-attends to the image tokens
         -> feature of the first token ([CLS])                    -> (B, 768)
-        -> `mlp.layers`: Linear 768-1024-128-64-16-1, no activations (dropout only, off at eval)
+        -> `mlp.layers`: Linear 768-1024-128-64-16-1, no activations (dropout only, off at eval):
+           scorers.RewardMLP, the same head as the LAION aesthetic predictor's
         -> r, reported as (r - 0.16717362830052426) / 1.0333394966054072.
 
 Modules are named after the official checkpoint `ImageReward.pt` (THUDM/ImageReward), which is a
@@ -30,7 +31,8 @@ GELU, eps 1e-6); the text tower is BLIP's `med.py` BertModel (post-LayerNorm, ep
 embeddings) run bidirectionally. The WordPiece tokenizer (bert-base-uncased `vocab.txt`, 30522 lines,
 plus BLIP's `[DEC]` / `[ENC]` as ids 30522 / 30523) keeps [CLS] first, as ImageReward's `score` does.
 
-Use:  scorer = load_imagereward("weights/imagereward");  scorer.score(images, prompts) -> (N,)
+Use:  scorer = ImageReward.load("weights/imagereward");  scorer.score(images, prompts) -> (N,)
+(the Scorer interface of scorers.py).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import nn
 
-from eval.scorers import resize_shortest_center_crop, to_normalized_tensor
+from eval.t2i import WEIGHTS_DIR
+from eval.t2i.scorers import RewardMLP, Scorer, resize_shortest_center_crop, to_normalized_tensor
 from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
 
 # Config
@@ -342,29 +345,7 @@ class BertModel(nn.Module):
         return x
 
 
-# Reward head and the whole model
-
-
-class RewardHead(nn.Module):
-    """`mlp.layers`: Linear(D, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout,
-    Linear(64, 16), Linear(16, 1). No activations in v1.0 (they are commented out upstream): the head
-    is one affine map, kept factored so the checkpoint's keys `layers.{0,2,4,6,7}` load as they are.
-    """
-
-    def __init__(self, in_width: int, widths: tuple[int, ...] = (1024, 128, 64, 16)):
-        super().__init__()
-        a, b, c, d = widths
-        self.layers = nn.Sequential(
-            nn.Linear(in_width, a), nn.Dropout(0.2),
-            nn.Linear(a, b), nn.Dropout(0.2),
-            nn.Linear(b, c), nn.Dropout(0.1),
-            nn.Linear(c, d),
-            nn.Linear(d, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, D) -> (B, 1) raw reward."""
-        return self.layers(x)
+# The whole model
 
 
 class BLIP(nn.Module):
@@ -383,7 +364,7 @@ class ImageRewardModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.blip = BLIP(cfg)
-        self.mlp = RewardHead(cfg.text_width, cfg.head_widths)
+        self.mlp = RewardMLP(cfg.text_width, cfg.head_widths)
 
     def features(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
@@ -400,8 +381,8 @@ class ImageRewardModel(nn.Module):
         the tokenizer. The values are standardised with the raw reward's mean and std over ImageReward's
         own data, so most lie within a few units of 0 (SD1.5 averages about 0.11 in Self-NPO Table 2).
         """
-        raw = self.mlp(self.features(pixel_values, input_ids, attention_mask)).float()  # (B, 1)
-        return ((raw - self.cfg.reward_mean) / self.cfg.reward_std).squeeze(1)
+        raw = self.mlp(self.features(pixel_values, input_ids, attention_mask)).float()  # (B,)
+        return (raw - self.cfg.reward_mean) / self.cfg.reward_std
 
 
 # Tokenizer
@@ -500,7 +481,7 @@ def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
 
 # Loading and scoring
 
-DEFAULT_DIR = "weights/imagereward"
+DEFAULT_DIR = WEIGHTS_DIR / "imagereward"  # where weights/README.md puts it
 CHECKPOINT_NAME = "ImageReward.pt"
 VOCAB_NAME = "vocab.txt"
 # Keys of ImageReward.pt that inference does not use: BLIP_Pretrain's contrastive projections (only
@@ -512,85 +493,65 @@ IGNORED_KEYS = (
 )
 
 
-class ImageRewardScorer:
-    """A loaded ImageReward: model (eval, no grad) + tokenizer + preprocessing."""
-
-    def __init__(self, model: ImageRewardModel, tokenizer: BertTokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = model.mlp.layers[0].weight.device
-
-    @torch.no_grad()
-    def score(self, images: list[Image.Image], prompts: list[str], batch_size: int = 16) -> torch.Tensor:
-        """Rewards of (images[i], prompts[i]) pairs: (N,) float32 on the CPU.
-
-        Batched by `batch_size`; a pair's score does not depend on the batch (up to float rounding).
-
-        Raises:
-            ValueError: different numbers of images and prompts, or batch_size < 1.
-            TypeError: an image that is not a PIL image or a prompt that is not a str.
-        """
-        images, prompts = list(images), list(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts: pass one prompt per image.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        for p in prompts:
-            if not isinstance(p, str):
-                raise TypeError(f"prompts must be str, got {type(p).__name__}.")
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = torch.stack([preprocess(im, self.model.cfg.image_size) for im in images[i:i + batch_size]])
-            ids, mask = self.tokenizer(prompts[i:i + batch_size])
-            out.append(self.model(pixels.to(self.device), ids.to(self.device), mask.to(self.device)).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
-
-
 def to_official_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The one key map: drop IGNORED_KEYS (if present); everything else must already be official."""
     return {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
 
 
-def load_imagereward(
-    path: str | os.PathLike = DEFAULT_DIR,
-    device: str | torch.device = "cpu",
-    preset: str | ImageRewardConfig = "v1.0",
-    dtype: torch.dtype = torch.float32,
-) -> ImageRewardScorer:
-    """Build ImageReward, strictly load `ImageReward.pt` and the tokenizer from `vocab.txt`.
+class ImageReward(Scorer):
+    """A loaded ImageReward (the Scorer interface): `model` (eval, no grad), the tokenizer, preprocessing.
 
-    Args:
-        path: a folder holding ImageReward.pt (THUDM/ImageReward) and vocab.txt (bert-base-uncased,
-            30522 lines), or the .pt file itself with vocab.txt beside it. The .pt is read with
-            torch.load(weights_only=True); a top-level 'state_dict' entry is unwrapped.
-        device: where the model runs.
-        preset: a name from PRESETS or an ImageRewardConfig.
-        dtype: parameter dtype (float32 reproduces the published numbers; rewards are returned in float32).
-
-    Raises:
-        CheckpointError: a missing file (the message says where to put it), missing / unexpected keys,
-            wrong shapes, or a vocab.txt whose size does not fit the word-embedding table.
-        ValueError: unknown preset.
+    score(images, prompts) -> (N,) float32 rewards of the (images[i], prompts[i]) pairs, `batch_size` at a time.
     """
-    cfg = get_config(preset)
-    path = Path(path)
-    ckpt = path if path.suffix in (".pt", ".pth") else path / CHECKPOINT_NAME
-    vocab_path = ckpt.parent / VOCAB_NAME
-    if not ckpt.is_file():
-        raise CheckpointError(
-            f"ImageReward checkpoint not found: {ckpt}. Put ImageReward.pt (THUDM/ImageReward) at "
-            f"{DEFAULT_DIR}/{CHECKPOINT_NAME}, or pass the folder that holds it.")
-    if not vocab_path.is_file():
-        raise CheckpointError(
-            f"tokenizer vocabulary not found: {vocab_path}. Put bert-base-uncased's vocab.txt (30522 lines) "
-            f"next to the checkpoint, e.g. {DEFAULT_DIR}/{VOCAB_NAME}.")
-    tokenizer = BertTokenizer(read_vocab(vocab_path), max_length=cfg.max_length)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(
-            f"{vocab_path} has {tokenizer.vocab_size - 2} tokens; with [DEC] and [ENC] that is "
-            f"{tokenizer.vocab_size}, but the model has {cfg.vocab_size} word embeddings: "
-            "use bert-base-uncased's vocab.txt (30522 lines).")
-    sd = to_official_keys(load_state_dict(ckpt))
-    model = build_loaded(ImageRewardModel, cfg, sd, dtype, f"ImageReward ({preset if isinstance(preset, str) else 'custom config'})")
-    model = model.to(device).requires_grad_(False)
-    return ImageRewardScorer(model, tokenizer)
+
+    def __init__(self, model: ImageRewardModel, tokenizer: BertTokenizer, batch_size: int = 16):
+        super().__init__(model, batch_size)
+        self.tokenizer = tokenizer
+
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        pixels = torch.stack([preprocess(im, self.model.cfg.image_size) for im in images])  # (B, 3, S, S)
+        ids, mask = self.tokenizer(prompts)  # (B, max_length) each
+        return self.model(pixels.to(self.device), ids.to(self.device), mask.to(self.device))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             batch_size: int = 16, preset: str | ImageRewardConfig | None = None) -> "ImageReward":
+        """Build ImageReward, strictly load `ImageReward.pt` and the tokenizer from `vocab.txt`.
+
+        Args:
+            path: a folder holding ImageReward.pt (THUDM/ImageReward) and vocab.txt (bert-base-uncased,
+                30522 lines), or the .pt file itself with vocab.txt beside it. The .pt is read with
+                torch.load(weights_only=True); a top-level 'state_dict' entry is unwrapped.
+            device: where the model runs.
+            dtype: parameter dtype (float32 reproduces the published numbers; rewards are returned in float32).
+            batch_size: pairs per forward pass.
+            preset: a name from PRESETS or an ImageRewardConfig; None: "v1.0".
+
+        Raises:
+            CheckpointError: a missing file (the message says where to put it), missing / unexpected keys,
+                wrong shapes, or a vocab.txt whose size does not fit the word-embedding table.
+            ValueError: unknown preset, batch_size < 1.
+        """
+        preset = "v1.0" if preset is None else preset
+        cfg = get_config(preset)
+        path = Path(path)
+        ckpt = path if path.suffix in (".pt", ".pth") else path / CHECKPOINT_NAME
+        vocab_path = ckpt.parent / VOCAB_NAME
+        if not ckpt.is_file():
+            raise CheckpointError(
+                f"ImageReward checkpoint not found: {ckpt}. Put ImageReward.pt (THUDM/ImageReward) at "
+                f"{DEFAULT_DIR / CHECKPOINT_NAME}, or pass the folder that holds it.")
+        if not vocab_path.is_file():
+            raise CheckpointError(
+                f"tokenizer vocabulary not found: {vocab_path}. Put bert-base-uncased's vocab.txt (30522 lines) "
+                f"next to the checkpoint, e.g. {DEFAULT_DIR / VOCAB_NAME}.")
+        tokenizer = BertTokenizer(read_vocab(vocab_path), max_length=cfg.max_length)
+        if tokenizer.vocab_size != cfg.vocab_size:
+            raise CheckpointError(
+                f"{vocab_path} has {tokenizer.vocab_size - 2} tokens; with [DEC] and [ENC] that is "
+                f"{tokenizer.vocab_size}, but the model has {cfg.vocab_size} word embeddings: "
+                "use bert-base-uncased's vocab.txt (30522 lines).")
+        sd = to_official_keys(load_state_dict(ckpt))
+        what = f"ImageReward ({preset if isinstance(preset, str) else 'custom config'})"
+        model = build_loaded(ImageRewardModel, cfg, sd, dtype, what).to(device).requires_grad_(False)
+        return cls(model, tokenizer, batch_size)

@@ -1,7 +1,7 @@
 """Paired reward report of two image folders, as the Diffusion-NPO / Self-NPO tables show them.
 
-    python -m eval.score --a out/npo --b out/cfg --prompts pickapic_test_unique.txt
-    python -m eval.score --a A --b B --prompts prompts.jsonl --scorers pickscore,hpsv21 --out report.json
+    python -m eval.t2i.score --a out/npo --b out/cfg --prompts pickapic_test_unique.txt
+    python -m eval.t2i.score --a A --b B --prompts prompts.jsonl --scorers pickscore,hpsv21 --out report.json
 
 Pairing: A and B must hold the same image file names (.png .jpg .jpeg .webp .bmp, not recursive);
 an image without its namesake on the other side is an error naming it. Prompts come from a .txt
@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import inspect
+import importlib
 import io
 import json
 import math
@@ -48,11 +48,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval.metrics import bootstrap_ci, paired_win_rate
+from eval.t2i import WEIGHTS_DIR
 from npo_min.checkpoint import CheckpointError, atomic_write, check_writable
 from npo_min.prompts import read_prompts
 
-SCORERS = ("pickscore", "hpsv21", "imagereward", "aesthetic")
-TITLES = {"pickscore": "PickScore", "hpsv21": "HPSv2.1", "imagereward": "ImageReward", "aesthetic": "Aesthetic"}
+# name -> (title, "module:class" implementing eval.t2i.scorers.Scorer, imported only when asked for,
+#          the WEIGHTS its load() takes, in order)
+SCORERS = {
+    "pickscore": ("PickScore", "eval.t2i.scorers:PickScore", ("pickscore", "clip_tokenizer")),
+    "hpsv21": ("HPSv2.1", "eval.t2i.scorers:HPSv21", ("hps", "clip_tokenizer")),
+    "imagereward": ("ImageReward", "eval.t2i.imagereward:ImageReward", ("imagereward",)),
+    "aesthetic": ("Aesthetic", "eval.t2i.scorers:Aesthetic", ("aesthetic", "clip_l")),
+}
+TITLES = {name: title for name, (title, _, _) in SCORERS.items()}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # weight name -> (default path under --weights-dir, command-line flag, what to put there); weights/README.md
@@ -71,8 +79,6 @@ WEIGHTS = {
                        "the vocab.json + merges.txt of a CLIP tokenizer (e.g. openai/clip-vit-large-patch14's; "
                        "the flag also takes CLIP's bpe_simple_vocab_16e6.txt.gz)"),
 }
-NEEDS = {"pickscore": ("pickscore",), "hpsv21": ("hps",), "aesthetic": ("aesthetic", "clip_l"),
-         "imagereward": ("imagereward",)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +151,10 @@ def weight_paths(args, scorers: list[str]) -> dict[str, Path]:
     root = Path(args.weights_dir)
     paths = {}
     for scorer in scorers:
-        for key in NEEDS[scorer]:
+        for key in SCORERS[scorer][2]:
+            if key == "clip_tokenizer":
+                paths[key] = clip_tokenizer_path(args, paths)
+                continue
             default, flag, what = WEIGHTS[key]
             given = getattr(args, flag[2:].replace("-", "_"))
             path = Path(given) if given else root / default
@@ -176,26 +185,12 @@ def clip_tokenizer_path(args, paths: dict[str, Path]) -> Path:
     )
 
 
-def load_scorer(name: str, args, paths: dict[str, Path], device: str, dtype: torch.dtype):
-    """An object with score(images, prompts) -> (N,) for one scorer name."""
-    from eval import scorers  # noqa: PLC0415  (keeps `--help` fast)
-
-    bs = args.batch_size
-    if name == "pickscore":
-        return scorers.PickScore.load(paths["pickscore"], clip_tokenizer_path(args, paths), device, dtype, bs)
-    if name == "hpsv21":
-        return scorers.HPSv21.load(paths["hps"], clip_tokenizer_path(args, paths), device, dtype, bs)
-    if name == "aesthetic":
-        return scorers.Aesthetic.load(paths["aesthetic"], paths["clip_l"], device, dtype, bs)
-    if name == "imagereward":
-        try:
-            from eval.imagereward import load_imagereward  # noqa: PLC0415  (only when asked for)
-        except ImportError as e:
-            raise ImportError(f"the imagereward scorer needs eval/imagereward.py ({e}); leave it out of --scorers.") from e
-        accepted = inspect.signature(load_imagereward).parameters
-        options = {k: v for k, v in dict(device=device, dtype=dtype, batch_size=bs).items() if k in accepted}
-        return load_imagereward(paths["imagereward"], **options)
-    raise ValueError(f"unknown scorer {name!r}: choose from {', '.join(SCORERS)}.")
+def load_scorer(name: str, paths: dict[str, Path], device: str, dtype: torch.dtype, batch_size: int):
+    """The Scorer (eval.t2i.scorers) for one name, its class imported only now (keeps `--help` fast)."""
+    _, where, weights = SCORERS[name]
+    module, cls = where.split(":")
+    scorer_cls = getattr(importlib.import_module(module), cls)
+    return scorer_cls.load(*(paths[key] for key in weights), device=device, dtype=dtype, batch_size=batch_size)
 
 
 def score_pairs(scorer, name: str, dirs: tuple[Path, Path], names: list[str], prompts: list[str],
@@ -256,14 +251,15 @@ def write_report(out: Path, csv_out: Path, report: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m eval.t2i.score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--a", required=True, help="folder of method A's images")
     p.add_argument("--b", required=True, help="folder of method B's images (same file names)")
     p.add_argument("--prompts", required=True, help=".txt / .jsonl / .csv prompt file")
     p.add_argument("--scorers", default=",".join(SCORERS), help=f"comma-separated subset of {','.join(SCORERS)}")
-    p.add_argument("--weights-dir", default="weights", help="where the default weight paths live")
+    p.add_argument("--weights-dir", default=str(WEIGHTS_DIR),
+                   help="where the default weight paths live (default: the repository's weights/)")
     for key, (default, flag, what) in WEIGHTS.items():
         p.add_argument(flag, default=None, help=f"{what} (default: WEIGHTS_DIR/{default})")
     p.add_argument("--batch-size", type=int, default=16)
@@ -290,13 +286,11 @@ def run(args) -> dict:
     dirs = (Path(args.a), Path(args.b))
     names, prompts, rule = match_prompts(pair_images(*dirs), read_prompts(args.prompts))
     paths = weight_paths(args, scorers)
-    if {"pickscore", "hpsv21"} & set(scorers):
-        clip_tokenizer_path(args, paths)
     dtype = getattr(torch, args.dtype)
 
     per_scorer = {}
     for name in scorers:
-        scorer = load_scorer(name, args, paths, args.device, dtype)
+        scorer = load_scorer(name, paths, args.device, dtype, args.batch_size)
         per_scorer[name] = score_pairs(scorer, name, dirs, names, prompts, args.batch_size)
         del scorer
         gc.collect()
