@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -313,7 +314,8 @@ class CogVideoXTransformer3DModel(nn.Module):
     Args of forward:
         x: `(B, F, C, H, W)` scaled VAE latents at timestep t (F latent frames, H and W even).
         t: `(B,)` timesteps in 0..999 (integer or float).
-        context: `(B, L, text_embed_dim)` T5 states (L = 226 in the CogVideoX pipeline).
+        context: `(B, L, text_embed_dim)` T5 states (L = 226 in the CogVideoX pipeline; the 2B position
+            embedding covers only video tokens here, so L is free, where diffusers' 2B needs L = 226).
     Returns:
         `(B, F, C_out, H, W)` v prediction (v = alpha_t eps - sigma_t x0).
     Raises:

@@ -25,8 +25,11 @@ last 2 frames of its padded input over to the next chunk (instead of first-frame
 see the whole past. GroupNorm statistics, however, are computed per chunk (over the chunk's frames),
 and the temporal down/upsampling keeps the first frame of every odd-length chunk alone: the output is
 not what one pass over all frames would give, and matching diffusers means chunking the same way.
-Spatial tiling (diffusers' enable_tiling) is not implemented: decode at 480 x 720 needs it only for
-memory, and results with tiling differ from results without.
+Spatial tiling (diffusers' enable_tiling) is not implemented: it only saves memory, and results with
+tiling differ from results without (diffusers' pipeline does not enable it by default). diffusers'
+CogVideoXSafeConv3d, which splits a conv input over 2 GiB into overlapping time slices, is also left out:
+the split is exact (same result), and at 49 frames 480 x 720 the largest conv input of a chunk is
+128 x 9 x 480 x 720 (0.74 GiB in bf16), under its threshold.
 """
 
 from __future__ import annotations
@@ -377,7 +380,8 @@ def load_vae(path: str | os.PathLike, preset: str | CogVideoXVAEConfig | None = 
 
     Raises:
         CheckpointError: a config.json field differing from the preset (named; the 2B and 5B VAEs differ
-            only in scaling_factor), an unsupported field, or missing / unexpected keys.
+            only in scaling_factor, so without a config.json the weights cannot tell them apart), an
+            unsupported field, or missing / unexpected keys.
     """
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else None

@@ -147,3 +147,27 @@ def test_bad_input():
         m(torch.randn(1, 3, 4, 7, 12), torch.tensor([1]), torch.randn(1, 7, 40))
     with pytest.raises(ValueError, match=r"\(B, F, 4, H, W\)"):
         m(torch.randn(1, 4, 3, 8, 12), torch.tensor([1]), torch.randn(1, 7, 40))
+
+
+def test_gradient_checkpointing_same_grads():
+    ours, _ = make_pair("tiny-5b")
+    x, ctx, t = torch.randn(2, 3, 4, 6, 10), torch.randn(2, 7, 40), torch.tensor([5, 600])
+    grads = []
+    for ckpt in (False, True):
+        ours.zero_grad()
+        ours.gradient_checkpointing = ckpt
+        ours(x, t, ctx).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
+    ours.gradient_checkpointing = False
+    assert maxerr(grads[0], grads[1]) < 1e-6
+
+
+def test_bf16_forward_close_to_fp32():
+    ours, _ = make_pair("tiny-5b")
+    x, ctx, t = torch.randn(1, 3, 4, 8, 12), torch.randn(1, 7, 40), torch.tensor([300])
+    with torch.no_grad():
+        ref = ours(x, t, ctx)
+        out = ours.to(torch.bfloat16)(x.bfloat16(), t, ctx.bfloat16())
+    ours.float()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
