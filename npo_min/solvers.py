@@ -52,21 +52,36 @@ def _t(t: int, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddim(denoise, noise, timesteps, schedule: NoiseSchedule, set_alpha_to_one: bool = False, progress=False):
+def ddim(denoise, noise, timesteps, schedule: NoiseSchedule, set_alpha_to_one: bool = False, progress=False,
+         prediction_type: str = "epsilon"):
     """Deterministic DDIM (eta = 0): x_prev = alpha_prev x0_hat + sigma_prev eps_hat.
 
     The previous timestep is t - T // n (diffusers' rule); past 0 the final alpha is 1 if
     `set_alpha_to_one` else alphas_cumprod[0] (SD1.5 config: False). Starts at x_T = noise.
+
+    `denoise` returns eps ("epsilon", SD) or v ("v_prediction", CogVideoX). The v branch is diffusers'
+    CogVideoXDDIMScheduler.step: x0_hat = alpha_t x_t - sigma_t v, then the same DDIM update written
+    without 1/alpha_t, x_prev = (sigma_prev / sigma_t) x_t + (alpha_prev - alpha_t sigma_prev / sigma_t) x0_hat,
+    so it holds at t = T-1 under zero terminal SNR (alpha_t = 0, sigma_t = 1). CogVideoX's pipeline:
+    `ddim(v_model, noise, make_timesteps(50, "trailing"), NoiseSchedule.cogvideox(3.0),
+    set_alpha_to_one=True, prediction_type="v_prediction")`.
     """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
     ac, T = schedule.alphas_cumprod, schedule.num_train_timesteps
     final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else ac[0]
     x = noise
     for t in _bar(timesteps, progress):
         t_prev = t - T // len(timesteps)
         a_t, a_prev = ac[t], (ac[t_prev] if t_prev >= 0 else final)
-        eps = denoise(x, _t(t, x))
-        x0 = (x - (1 - a_t).sqrt().item() * eps) / a_t.sqrt().item()  # Tweedie, Eq. 2
-        x = a_prev.sqrt().item() * x0 + (1 - a_prev).sqrt().item() * eps
+        out = denoise(x, _t(t, x))
+        if prediction_type == "epsilon":
+            x0 = (x - (1 - a_t).sqrt().item() * out) / a_t.sqrt().item()  # Tweedie, Eq. 2
+            x = a_prev.sqrt().item() * x0 + (1 - a_prev).sqrt().item() * out
+        else:
+            x0 = a_t.sqrt().item() * x - (1 - a_t).sqrt().item() * out  # Tweedie under v-prediction
+            ratio = ((1 - a_prev) / (1 - a_t)).sqrt()  # sigma_prev / sigma_t
+            x = ratio.item() * x + (a_prev.sqrt() - a_t.sqrt() * ratio).item() * x0
     return x
 
 
