@@ -182,16 +182,17 @@ def renoise_eq16(x_t, alpha_t, sigma_t, alpha_s, sigma_s, z):
     continued from level t to level s > t, so x_s has the noise-perturbed marginal of p_ref at
     level s (Thm. 1). Requires nsr_s >= nsr_t (s >= t).
 
-    Computed as r x_t + sqrt(sigma_s^2 - r^2 sigma_t^2) z with r = alpha_s / alpha_t, which stays finite
-    at zero terminal SNR: alpha_s = 0 gives x_s = z (pure noise), and s = t (also alpha_t = alpha_s = 0,
-    where r is taken as 1) gives x_s = x_t.
+    At zero terminal SNR (CogVideoX, alpha_{T-1} = 0) the form is read as its limit: alpha_s = 0 gives
+    x_s = sigma_s z (pure noise), and alpha_t = 0 (then s = t = T-1) gives x_s = x_t. Where alpha > 0 the
+    arithmetic is exactly the formula above.
     """
-    if (sigma_t * alpha_s - sigma_s * alpha_t > 1e-12).any():  # nsr_s < nsr_t, written without dividing
+    one = torch.ones_like(alpha_t)
+    safe_t, safe_s = torch.where(alpha_t > 0, alpha_t, one), torch.where(alpha_s > 0, alpha_s, one)
+    gap = (sigma_s / safe_s) ** 2 - (sigma_t / safe_t) ** 2  # nsr_s^2 - nsr_t^2
+    if ((gap < -1e-12) & (alpha_s > 0)).any():
         raise ValueError("Eq. 16 needs s >= t (nsr_s >= nsr_t); got a smaller target noise level.")
-    same = alpha_s == alpha_t
-    r = torch.where(same, torch.ones_like(alpha_t), alpha_s / torch.where(alpha_t > 0, alpha_t, torch.ones_like(alpha_t)))
-    var = torch.where(same, torch.zeros_like(sigma_s), sigma_s**2 - (r * sigma_t) ** 2)
-    return r * x_t + var.clamp_min(0).sqrt() * z
+    x_s = alpha_s * (x_t / safe_t + gap.clamp_min(0).sqrt() * z)
+    return torch.where(alpha_s > 0, x_s, torch.where(alpha_t > 0, sigma_s * z, x_t))
 
 
 def renoise_eq15(x0_hat, alpha_s, sigma_s, z):
