@@ -1,10 +1,11 @@
-"""Training data on disk: a folder of images with same-name `.txt` captions (the Self-NPO data of the
-text-to-image families; the authors used LAION images with their captions)."""
+"""Training data: a folder of images with same-name `.txt` captions (the Self-NPO data of the text-to-image
+families; the authors used LAION images with their captions), and the shuffled batch order every loop uses."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -42,3 +43,13 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (H, W, 3) -> (3, H, W)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches over range(n), reshuffled every epoch (drop_last)."""
+    if batch_size > n:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples.")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]

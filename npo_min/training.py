@@ -15,20 +15,11 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .data import shuffled_batches
 from .schedule import NoiseSchedule
 from .self_npo import SelfNPOConfig, denoising_loss, ema_update, tdft_loss, truncated_rollout
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x0 (B, C, H, W), context (B, L, D))
-
-
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless index batches over range(n), reshuffled every epoch (drop_last)."""
-    if batch_size > n:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples.")
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
 
 
 def self_npo(

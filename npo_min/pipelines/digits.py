@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_state_dict
+from ..data import shuffled_batches
 from ..digits import NULL_CLASS, NUM_CLASSES, ClassEmbedding, build_digits_model, digits_config_json, load_digits, load_digits_model
 from ..schedule import NoiseSchedule
-from ..training import shuffled_batches
 from . import Pipeline
 
 

@@ -22,9 +22,8 @@ import torch
 from ..checkpoint import CheckpointError, build_loaded, load_state_dict
 from ..clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_text_encoder, to_official_keys
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
-from ..data import image_caption_pairs, load_image
+from ..data import image_caption_pairs, load_image, shuffled_batches
 from ..schedule import NoiseSchedule
-from ..training import shuffled_batches
 from ..unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, load_unet, read_unet_weights, unet_config_from_diffusers
 from ..vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, decode_latents, ldm_vae_to_diffusers, load_vae
 from . import Pipeline
