@@ -8,7 +8,8 @@ Used to check Self-NPO Thm. 1-3 by Monte Carlo (tests/test_theorems.py) and to d
   E[x0 | x_t]    = sum_k r_k(x_t) (mu_k + alpha_t C_k S_k^-1 (x_t - alpha_t mu_k))   (the exact Tweedie estimate)
   r_k(x_t)       = w_k N(x_t; alpha_t mu_k, S_k) / p_t(x_t)                          (responsibilities)
 
-Everything is float64; timesteps are integers 0..T-1 of the mixture's NoiseSchedule.
+Everything is float64; timesteps are integers 0..T-1 of the mixture's NoiseSchedule (None where
+allowed: p_ref itself, alpha = 1, sigma = 0).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ class GaussianMixture:
         self.d = d
         self.schedule = schedule or NoiseSchedule.sd()
 
-    def alpha_sigma(self, t: int) -> tuple[float, float]:
-        """(alpha_t, sigma_t) as Python floats."""
+    def alpha_sigma(self, t: int | None) -> tuple[float, float]:
+        """(alpha_t, sigma_t) as Python floats; t = None gives (1, 0), i.e. p_ref itself."""
+        if t is None:
+            return 1.0, 0.0
         t = torch.as_tensor(t)
         return self.schedule.alpha(t).item(), self.schedule.sigma(t).item()
 
@@ -77,7 +80,7 @@ class GaussianMixture:
         log_n = -0.5 * (diff * Sd).sum(-1) - 0.5 * torch.logdet(S) - 0.5 * self.d * math.log(2 * math.pi)
         return log_n + self.w.log(), Sd
 
-    def log_density(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def log_density(self, x: torch.Tensor, t: int | None) -> torch.Tensor:
         """log p_t(x) `(n,)` for points x `(n, d)`: the true level-t marginal density."""
         a, s = self.alpha_sigma(t)
         log_wn, _ = self._components(x.to(F64), a, s, self.covs)
@@ -95,6 +98,12 @@ class GaussianMixture:
         resp = torch.softmax(log_wn, dim=1)  # (n, K)
         post = self.mus[None] + a * torch.einsum("kij,nkj->nki", covs, Sd)  # mu_k + a C_k S_k^-1 (x - a mu_k)
         return (resp[..., None] * post).sum(1)
+
+    def pdf_1d(self, x: torch.Tensor, t: int | None, dim: int = 0) -> torch.Tensor:
+        """Density `(n,)` of coordinate `dim` of p_t at points x `(n,)`."""
+        a, s = self.alpha_sigma(t)
+        var = a**2 * self.covs[:, dim, dim] + s**2  # (K,)
+        return (self.w * torch.exp(-0.5 * (x[:, None] - a * self.mus[:, dim]) ** 2 / var) / (2 * math.pi * var).sqrt()).sum(1)
 
     def cdf_1d(self, x: torch.Tensor, t: int, dim: int = 0) -> torch.Tensor:
         """CDF `(n,)` of coordinate `dim` of p_t at points x `(n,)`."""
