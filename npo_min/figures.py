@@ -219,7 +219,7 @@ def figure_rollout(d: dict, path: Path) -> None:
     cols = 1 + len(traj)
     left, top = 240, 150
     width = left + cols * (CELL + GAP) + 40
-    height = top + B * (2 * (CELL + GAP) + 20) + 110
+    height = top + B * (2 * (CELL + GAP) + 20) + 120
     fig = Figure(max(width, 900), height, "Truncated rollout (Self-NPO Eq. 14 + K DDIM steps) on the digits model")
     fig.text((fig.image.width // 2, 44), f"N = {cfg.num_grid} grid, K = {cfg.k} steps, rollout guidance w = {cfg.rollout_w:g}"
              f"{' (unconditional model)' if cfg.rollout_w == -1 else ''}, start t' = {d['start_t']}", size=16, anchor="mt")
@@ -244,9 +244,10 @@ def figure_rollout(d: dict, path: Path) -> None:
         last = x_col(cols - 1)
         fig.draw.rectangle([last - 3, y0 + CELL + GAP - 3, last + CELL + 2, y0 + 2 * CELL + GAP + 2], outline=COLORS["tab:red"], width=2)
     note = ["Red box: the training target x_{t->0} (Tweedie estimate at the rollout's end point).",
-            "The student regresses it at x_s, re-noised from the end point by Eq. 16 (Eq. 17)."]
+            "The student regresses it at x_s, re-noised from the end point by Eq. 16 (Eq. 17).",
+            "With w = -1 the rollout sees only the null class c', so it may drift away from the digit."]
     for k, s in enumerate(note):
-        fig.text((20, height - 90 + 22 * k), s, size=14)
+        fig.text((20, height - 100 + 22 * k), s, size=14)
     fig.save(path)
 
 
@@ -327,10 +328,11 @@ def figure_schedules(named: list[tuple[str, NoiseSchedule]], num_grid: int, path
         right.scatter(grid.numpy(), sched.nsr(grid).numpy(), c, radius=3.5, outline="black")
         entries_l += [(f"{name}: alpha_t", c, "line"), (f"{name}: sigma_t", c, "dash")]
         nsr_g = sched.nsr(grid)
-        entries_r += [(f"{name}: nsr_t {nsr_g[0]:.3g} .. {nsr_g[-1]:.3g} on the grid", c, "line")]
+        end = f"{nsr_g[-1]:.3g}" if torch.isfinite(nsr_g[-1]) else f"inf (t = {int(grid[-1])}, off the axis)"
+        entries_r += [(f"{name}: nsr_t {nsr_g[0]:.3g} .. {end} on the grid", c, "line")]
     dots = (f"Self-NPO grid: t = {', '.join(map(str, ddim_grid(num_grid).tolist()[:3]))}, ..., "
             f"{ddim_grid(num_grid).tolist()[-1]}", "black", "dot")
-    left.legend(entries_l + [dots], corner="tr" if False else "bl")
+    left.legend(entries_l + [dots], corner="bl")
     right.legend(entries_r + [dots], corner="br")
     fig.text((100, 575), "The rollout walks down this grid (K steps of T/N); Eq. 16 then re-noises from t to s > t, "
              "which needs nsr_s >= nsr_t (nsr increases with t).", size=15)

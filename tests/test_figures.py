@@ -119,7 +119,7 @@ def test_figures_cli_tiny(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("wrote") == 4 and "betas [1.0]" in printed
     # fig 2: 1 + (K + 1) columns, 2 digits; fig 3: 2 rows (CFG, beta 1), 2 scales; both at their minimum widths
-    _check_pngs(out, {"fig1_theorem1.png": (1560, 1080), "fig2_rollout.png": (900, 150 + 2 * (2 * 72 + 20) + 110),
+    _check_pngs(out, {"fig1_theorem1.png": (1560, 1080), "fig2_rollout.png": (900, 150 + 2 * (2 * 72 + 20) + 120),
                       "fig3_guidance.png": (980, 170 + 2 * 72 + 120), "fig4_schedules.png": (1400, 640)})
     with pytest.raises(FileExistsError, match="--overwrite"):
         figures.main(args)
@@ -133,3 +133,14 @@ def test_figures_cli_errors(tmp_path):
     with pytest.raises(SystemExit):
         figures.main(["--out", str(tmp_path), "--figures", "5"])
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_schedules_figure_takes_zero_terminal_snr(tmp_path):
+    """figure_schedules with a second, zero-terminal-SNR schedule (alpha_{T-1} = 0, nsr = inf there), as
+    CogVideoX's will be: the infinite end point is left out of the log axis instead of failing."""
+    ac = NoiseSchedule.sd().alphas_cumprod
+    a = ac.sqrt()
+    a = (a - a[-1]) * a[0] / (a[0] - a[-1])  # rescaled so alpha_{T-1} = 0 (Lin et al. 2024, Alg. 1)
+    named = [("SD1.5 scaled-linear", NoiseSchedule.sd()), ("zero-terminal-SNR", NoiseSchedule(a**2))]
+    figures.figure_schedules(named, 25, tmp_path / "s.png")
+    _check_pngs(tmp_path, {"s.png": (1400, 640)})
