@@ -264,9 +264,9 @@ def guidance_data(unet, embed, digit: int, scales: list[float], betas: list[floa
     noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
     labels = torch.tensor([digit])
     base = {k: v.clone() for k, v in unet.state_dict().items()}
-    rows = [("plain CFG", unet)]
+    rows = [("plain CFG: theta", unet)]
     if delta is not None:
-        rows += [(f"NPO beta = {b:g}", negative_model(unet, base, delta=delta, beta=b)) for b in betas]
+        rows += [(f"NPO: theta + {b:g} delta", negative_model(unet, base, delta=delta, beta=b)) for b in betas]
     grid = [[sample_digits(unet, neg, embed, labels, noise, g, steps=steps)[0] for g in scales] for _, neg in rows]
     return dict(rows=[r for r, _ in rows], grid=grid, scales=scales, digit=digit, seed=seed, steps=steps)
 
