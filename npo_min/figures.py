@@ -273,8 +273,9 @@ def guidance_data(unet, embed, digit: int, scales: list[float], betas: list[floa
 
 def figure_guidance(d: dict, path: Path, delta_note: str) -> None:
     nr, nc = len(d["rows"]), len(d["scales"])
-    left, top = 230, 170
-    width = max(left + nc * (CELL + GAP) + 60, 980)
+    top = 170
+    width = max(230 + nc * (CELL + GAP) + 60, 980)
+    left = max(230, (width - nc * (CELL + GAP)) // 2 + 60)  # the grid centred, room for the row labels
     height = top + nr * (CELL + GAP) + 120
     fig = Figure(width, height, f"Guidance composition on the digits model: digit {d['digit']}, one fixed noise (seed {d['seed']})")
     fig.text((width // 2, 44), "eps = eps_neg + scale (eps_pos - eps_neg)  (Diffusion-NPO Eq. 9);  "
