@@ -1,7 +1,7 @@
 """The method as pictures, each computed by the project's own functions (issue 14).
 
-    python -m npo_min.figures --out out/figures                       # about 20 s on 2 CPU cores
-    python -m npo_min.figures --out out/figures --neg-ckpt out/self-npo/delta.safetensors
+    python -m npo_min.figures --out out/figures                       # about 15 s on 2 CPU cores
+    python -m npo_min.figures --out out/figures --neg-ckpt out/self-npo/delta.safetensors   # about 25 s
 
 writes
   fig1_theorem1.png   Self-NPO Thm. 1 on a 2-D Gaussian mixture: x_t re-noised to level s by Eq. 16
