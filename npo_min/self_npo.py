@@ -61,7 +61,8 @@ def ddim_grid(num_grid: int, num_train_timesteps: int = 1000) -> torch.Tensor:
 
 
 @torch.no_grad()
-def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: SelfNPOConfig, generator=None):
+def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: SelfNPOConfig, generator=None,
+                      start_index: torch.Tensor | None = None, trajectory: list | None = None):
     """Steps 1-3: returns `(x_t, t, x0_target)`: end state `(B, ...)`, its timesteps `(B,)` in 0..T-1,
     and the target model's Tweedie estimate at (x_t, t).
 
@@ -69,13 +70,19 @@ def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: Self
     cond / null: conditioning c and c' (`(B, L, D)` or a dict of batched tensors; null may have batch 1).
     The rollout's guidance is `guidance.cfg` with scale rollout_w + 1 (w = -1: only the c' branch runs).
     Samples reaching the grid's end step onto t = 0 (alphas_cumprod[0]) and stop moving.
+
+    Optional, for inspection (npo_min/figures.py); the defaults leave the results unchanged:
+    start_index: `(B,)` grid indices 0..N-1 of t' (start = "data" only) instead of the uniform draw;
+    trajectory: a list that receives `(x_t, t, x0_hat)` at each of the K + 1 evaluated points.
     """
     B, T, N = x0.shape[0], schedule.num_train_timesteps, cfg.num_grid
     grid = ddim_grid(N, T).to(x0.device)
     rollout_eps = guided_denoiser(target, target, cond, null, cfg.rollout_w + 1.0)  # eps(c') + (w + 1)(eps(c) - eps(c'))
     randn = lambda: torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    if start_index is not None and (cfg.start != "data" or start_index.shape != (B,) or not 0 <= start_index.min() <= start_index.max() < N):
+        raise ValueError(f"start_index must be (B,) = ({B},) grid indices in 0..{N - 1} with start 'data'; got {start_index}.")
     if cfg.start == "data":  # Eq. 14: x_{t'} ~ q(x_{t'} | x0), t' uniform on the grid
-        idx = torch.randint(0, N, (B,), generator=generator).to(x0.device)
+        idx = torch.randint(0, N, (B,), generator=generator).to(x0.device) if start_index is None else start_index.to(x0.device)
         alpha, sigma = schedule.coefs(grid[idx], x0)
         x = add_noise(x0, randn(), alpha, sigma)
     else:  # Eq. 13: x_T ~ N(0, I), started at the top of the grid
@@ -86,6 +93,8 @@ def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: Self
         alpha, sigma = schedule.coefs(t, x)
         eps = rollout_eps(x, t)
         x0_hat = eps_to_x0(x, eps, alpha, sigma)  # Tweedie, Eq. 12
+        if trajectory is not None:
+            trajectory.append((x, t, x0_hat))
         if i == cfg.k:
             return x, t, x0_hat
         moving = idx >= 0

@@ -22,8 +22,10 @@ import math
 import pytest
 import torch
 
-from npo_min.schedule import NoiseSchedule, renoise_eq15, renoise_eq16
+from npo_min.schedule import NoiseSchedule, renoise_eq16
 from npo_min.self_npo import SelfNPOConfig, sample_s, truncated_rollout
+from npo_min.toy import GaussianMixture as Mixture
+from npo_min.toy import moment_z, renoise_chain
 
 F64 = torch.float64
 SCHED = NoiseSchedule.sd()
@@ -36,55 +38,7 @@ def a_s(t):
     return SCHED.alpha(t).item(), SCHED.sigma(t).item()
 
 
-# ---------------------------------------------------------------- toy priors
-
-
-class Mixture:
-    """Gaussian mixture p_ref = sum_k w_k N(mu_k, cov_k) in d dimensions (d = 1 or 2)."""
-
-    def __init__(self, w, mus, covs):
-        self.w = torch.tensor(w, dtype=F64)
-        self.mus = torch.tensor(mus, dtype=F64)  # (K, d)
-        self.covs = torch.tensor(covs, dtype=F64)  # (K, d, d)
-        self.d = self.mus.shape[1]
-
-    def sample(self, n, g):
-        k = torch.multinomial(self.w, n, replacement=True, generator=g)
-        L = torch.linalg.cholesky(self.covs)
-        z = torch.randn(n, self.d, generator=g, dtype=F64)
-        return self.mus[k] + (L[k] @ z[..., None])[..., 0]
-
-    def moments(self):
-        m = (self.w[:, None] * self.mus).sum(0)
-        second = (self.w[:, None, None] * (self.covs + self.mus[:, :, None] * self.mus[:, None, :])).sum(0)
-        return m, second - m[:, None] * m[None, :]
-
-    def level(self, t):
-        """Analytic mean and covariance of the forward-noised marginal at level t."""
-        a, s = a_s(t)
-        m, C = self.moments()
-        return a * m, a**2 * C + s**2 * torch.eye(self.d, dtype=F64)
-
-    def posterior_mean(self, x, t, cov_scale=1.0):
-        """E[x0 | x_t = x] (responsibilities x per-component Gaussian posterior means).
-        cov_scale != 1 gives a deliberately WRONG Tweedie target (negative control)."""
-        a, s = a_s(t)
-        covs = self.covs * cov_scale
-        S = a**2 * covs + s**2 * torch.eye(self.d, dtype=F64)  # (K, d, d): Cov(x_t | component k)
-        S_inv = torch.linalg.inv(S)
-        diff = x[:, None, :] - a * self.mus[None]  # (n, K, d)
-        Sd = torch.einsum("kij,nkj->nki", S_inv, diff)
-        log_lik = -0.5 * (diff * Sd).sum(-1) - 0.5 * torch.logdet(S)  # + const
-        resp = torch.softmax(log_lik + self.w.log(), dim=1)  # (n, K)
-        post = self.mus[None] + a * torch.einsum("kij,nkj->nki", covs, Sd)  # mu_k + a cov_k S_k^-1 (x - a mu_k)
-        return (resp[..., None] * post).sum(1)
-
-    def cdf_1d(self, x, t, dim=0):
-        """CDF of coordinate `dim` of the level-t marginal (for a Kolmogorov-Smirnov check)."""
-        a, s = a_s(t)
-        sd = (a**2 * self.covs[:, dim, dim] + s**2).sqrt()
-        return (self.w * 0.5 * (1 + torch.erf((x[:, None] - a * self.mus[:, dim]) / (sd * math.sqrt(2))))).sum(1)
-
+# ---------------------------------------------------------------- toy priors (npo_min/toy.py)
 
 MIX2D = Mixture([0.3, 0.7], [[-1.5, 0.5], [1.0, -0.5]],
                 [[[0.30, 0.10], [0.10, 0.20]], [[0.50, -0.20], [-0.20, 0.40]]])
@@ -94,30 +48,7 @@ GAUSS2D = Mixture([1.0], [[0.4, -0.3]], [[[0.6, 0.25], [0.25, 0.3]]])
 
 def chain(prior, t, s, seed, n=N_SAMPLES, renoise="eq16", cov_scale=1.0):
     """x0 ~ p_ref -> x_t -> (x_{t->0}, x_s). With renoise='eq15', x_s = alpha_s x_{t->0} + sigma_s z."""
-    g = torch.Generator().manual_seed(seed)
-    x0 = prior.sample(n, g)
-    at, st = a_s(t)
-    as_, ss = a_s(s)
-    x_t = at * x0 + st * torch.randn(x0.shape, generator=g, dtype=F64)
-    x_t0 = prior.posterior_mean(x_t, t, cov_scale)
-    z = torch.randn(x0.shape, generator=g, dtype=F64)
-    f = lambda v: torch.tensor(v, dtype=F64)
-    if renoise == "eq16":
-        x_s = renoise_eq16(x_t, f(at), f(st), f(as_), f(ss), z)
-    else:
-        x_s = renoise_eq15(x_t0, f(as_), f(ss), z)
-    return x0, x_t, x_t0, x_s
-
-
-def moment_z(x, mean, cov):
-    """Max |z| over the mean entries and the covariance entries of the sample x (n, d)."""
-    n = x.shape[0]
-    m = x.mean(0)
-    z_mean = (m - mean) / (x.std(0) / math.sqrt(n))
-    xc = x - m
-    prods = xc[:, :, None] * xc[:, None, :]  # (n, d, d)
-    z_cov = (prods.mean(0) - cov) / (prods.std(0) / math.sqrt(n))
-    return max(z_mean.abs().max().item(), z_cov.abs().max().item())
+    return renoise_chain(prior, t, s, n, torch.Generator().manual_seed(seed), renoise, cov_scale)
 
 
 def ks_stat(x, cdf):
