@@ -299,10 +299,11 @@ def figure_guidance(d: dict, path: Path, delta_note: str) -> None:
 
 
 def schedules() -> list[tuple[str, NoiseSchedule]]:
-    """The schedules drawn in figure 4, (name, NoiseSchedule).
-    CogVideoX (v-prediction, zero-terminal-SNR: alpha_{T-1} = 0, nsr = inf at the end) goes here with
-    one line once npo_min/schedule.py has it, e.g. ("CogVideoX, zero-terminal-SNR", NoiseSchedule.cogvideox())."""
-    return [("SD1.5 scaled-linear", NoiseSchedule.sd())]
+    """The schedules drawn in figure 4, (name, NoiseSchedule): SD1.5 / SDXL, and CogVideoX (v-prediction,
+    SNR shift, zero terminal SNR: alpha_{T-1} = 0, nsr = inf at the end)."""
+    return [("SD1.5 / SDXL scaled-linear", NoiseSchedule.sd()),
+            ("CogVideoX-2B: SNR shift 3, zero terminal SNR", NoiseSchedule.cogvideox(3.0)),
+            ("CogVideoX-5B: zero terminal SNR", NoiseSchedule.cogvideox(1.0))]
 
 
 def figure_schedules(named: list[tuple[str, NoiseSchedule]], num_grid: int, path: Path) -> None:
@@ -415,10 +416,10 @@ def main(argv=None) -> None:
             delta, note = None, ("No NPO rows: no --neg-ckpt given. Make a delta with `python train.py` (about 5 min) "
                                  "and pass --neg-ckpt out/self-npo/delta.safetensors.")
             if args.neg_ckpt:
-                from .delta import load_delta
+                from .offsets import read_delta
 
                 base = {n: v.clone() for n, v in unet.state_dict().items()}
-                delta, meta = load_delta(args.neg_ckpt, base, check_fingerprint=not args.ignore_fingerprint)
+                delta, meta = read_delta(args.neg_ckpt, base, check_fingerprint=not args.ignore_fingerprint)
                 note = (f"delta: {args.neg_ckpt} (K = {meta.get('k', '?')}, {meta.get('steps', '?')} steps, "
                         f"lr {meta.get('lr', '?')}); plain CFG = beta 0.")
             figure_guidance(guidance_data(unet, embed, args.digit, args.scales, args.betas, delta, args.steps, args.seed), path, note)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from npo_min import figures
 from npo_min.checkpoint import fingerprint
-from npo_min.delta import save_delta
+from npo_min.offsets import save_delta
 from npo_min.digits import load_digits_model
 from npo_min.plot import Axes, Figure, marching_squares, nice_ticks
 from npo_min.self_npo import SelfNPOConfig, ddim_grid, truncated_rollout
