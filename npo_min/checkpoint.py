@@ -90,6 +90,15 @@ def _load_folder(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     )
 
 
+def checkpoint_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names of a checkpoint file; a .safetensors header is read without the tensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    return list(load_state_dict(path))
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata stored in a `.safetensors` header ({} if none)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
-from .checkpoint import CheckpointError, fingerprint, load_state_dict, read_metadata, save_safetensors
+from .checkpoint import CheckpointError, checkpoint_keys, fingerprint, load_state_dict, read_metadata, save_safetensors
 
 FORMAT = "npo_min.delta.v1"  # metadata["format"] of the delta files this project writes
 Offset = dict[str, torch.Tensor]
@@ -168,14 +167,6 @@ def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None) -> Off
 # ----------------------------------------------------------------------------- any offset file
 
 
-def _keys(path: Path) -> list[str]:
-    """Tensor names of a checkpoint file; a .safetensors header is read without the tensors."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return list(f.keys())
-    return list(load_state_dict(path))
-
-
 def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[Path], Offset] | None = None,
                 check_fingerprint: bool = True, trust_delta: bool = False) -> Offset:
     """An offset over the keys of `base` (the base denoiser's state dict), float32, from our delta, a LoRA
@@ -203,9 +194,9 @@ def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[P
         meta = read_metadata(path) if path.suffix == ".safetensors" else {}
         if meta.get("format") == FORMAT:
             return read_delta(path, base, check_fingerprint)[0]
-        if any("lora" in k for k in _keys(path)):
+        if any("lora" in k for k in checkpoint_keys(path)):
             return lora_to_delta(load_state_dict(path), base, _metadata_alpha(meta))
-    names = _keys(path) if path.is_file() else []
+    names = checkpoint_keys(path) if path.is_file() else []
     if names and set(names) & set(base):  # already in module names: a full model or a bare offset
         sd = load_state_dict(path)
         check_offset(sd, base, str(path))

@@ -25,10 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import CheckpointError, build_loaded, load_state_dict
+from .checkpoint import CheckpointError, checkpoint_keys, build_loaded, load_state_dict
 
 
 @dataclass(frozen=True)
@@ -413,14 +412,6 @@ def ldm_unet_to_diffusers(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[
 
 
 
-def _keys(path: Path) -> list[str]:
-    """Tensor names of a checkpoint file; a .safetensors header is read without the tensors."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return list(f.keys())
-    return list(load_state_dict(path))
-
-
 def _unet_config(preset: str | UNetConfig) -> UNetConfig:
     if not isinstance(preset, UNetConfig) and preset not in PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r}: choose one of {sorted(PRESETS)} or pass a UNetConfig.")
@@ -433,7 +424,7 @@ def read_unet_weights(path: str | os.PathLike, cfg: UNetConfig = PRESETS["sd15"]
     path = Path(path)
     if path.is_dir() and (path / "unet").is_dir():
         path = path / "unet"
-    if path.is_file() and path.suffix == ".safetensors" and any(k.startswith(UNET_PREFIX) for k in _keys(path)):
+    if path.is_file() and path.suffix == ".safetensors" and any(k.startswith(UNET_PREFIX) for k in checkpoint_keys(path)):
         sd = load_state_dict(path, UNET_PREFIX)
     else:
         sd = load_state_dict(path)
