@@ -1,6 +1,6 @@
 """The UCI optdigits data: 1797 real handwritten digits, 8x8, 10 classes (CC BY 4.0).
 
-Vendored as `npo_min/data/optdigits.csv.gz` (see `npo_min/data/ATTRIBUTION.md`): each row is 64
+Vendored as `npo_min/datasets/optdigits.csv.gz` (see `npo_min/datasets/ATTRIBUTION.md`): each row is 64
 pixel counts in 0..16 followed by the label. The split is fixed (seeded permutation, 20% held
 out) and the held-out part never enters any training: not the diffusion model, not Self-NPO,
 not the reward classifier.
@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_into, load_state_dict, read_metadata
 from .unet import PRESETS, UNet2DConditionModel, UNetConfig
 
-DATA_FILE = Path(__file__).parent / "data" / "optdigits.csv.gz"
+DATA_FILE = Path(__file__).parent / "datasets" / "optdigits.csv.gz"
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the "unconditional" label, index 10 of the class-embedding table
 SPLIT_SEED = 0
