@@ -120,7 +120,8 @@ def main(argv=None) -> list[Path]:
                 save_png(img, out / kind / f"{first + j:04d}.png")
             rows[kind] += images[: max(0, GRID_ROWS * per_row - len(rows[kind]))]
     blocks = {f"base: plain CFG, scale {args.guidance_scale:g}": _rows(rows["base"], per_row),
-              f"npo: negative theta + {args.alpha:g} eta + {args.beta:g} delta": _rows(rows["npo"], per_row)}
+              "npo: negative " + (f"theta + {args.alpha:g} eta" if args.pos_ckpt else "theta")
+              + (f" + {args.beta:g} delta" if args.neg_ckpt else ""): _rows(rows["npo"], per_row)}
     labels = [prompts[r * per_row] for r in range(len(blocks[next(iter(blocks))]))]
     title = (f"{args.model}: {args.solver} {args.steps} steps, seed {args.seed}+i"
              + (f", neg {Path(args.neg_ckpt).name}" if args.neg_ckpt else "") + (f", pos {Path(args.pos_ckpt).name}" if args.pos_ckpt else ""))

@@ -27,7 +27,7 @@ def save_png(img: Image.Image, path: str | Path) -> None:
 
 
 def labelled_grid(blocks: dict[str, list[list[Image.Image]]], row_labels: list[str], title: str,
-                  min_cell: int = 32, gap: int = 8) -> Image.Image:
+                  min_cell: int = 32, gap: int = 8, pad: int = 2) -> Image.Image:
     """Blocks side by side, each a list of rows of equally sized images, with a title, block headers and row labels.
 
     blocks: {header: rows}, every block with len(row_labels) rows of the same length. Images smaller than
@@ -35,7 +35,8 @@ def labelled_grid(blocks: dict[str, list[list[Image.Image]]], row_labels: list[s
     """
     first = next(iter(blocks.values()))[0][0]
     zoom = max(1, -(-min_cell // max(first.size)))  # ceil(min_cell / size)
-    w, h = first.width * zoom, first.height * zoom
+    iw, ih = first.width * zoom, first.height * zoom
+    w, h = iw + pad, ih + pad  # cell = image + a white gap
     label_w = 8 + 7 * min(max((len(r) for r in row_labels), default=0), 24)
     ncols = [max(len(r) for r in rows) for rows in blocks.values()]
     width = label_w + sum(n * w for n in ncols) + gap * len(blocks)
@@ -48,7 +49,7 @@ def labelled_grid(blocks: dict[str, list[list[Image.Image]]], row_labels: list[s
         draw.text((x0 + 2, 20), header, fill="black")
         for r, row in enumerate(rows):
             for c, img in enumerate(row):
-                canvas.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (x0 + c * w, top + r * h))
+                canvas.paste(img.convert("RGB").resize((iw, ih), Image.NEAREST), (x0 + c * w, top + r * h))
         x0 += n * w + gap
     for r, label in enumerate(row_labels):
         draw.text((4, top + r * h + max(0, h // 2 - 6)), label[:24], fill="black")
