@@ -53,6 +53,12 @@ PRESETS = {
         in_channels=1, out_channels=1, block_out_channels=(32, 64), cross_attn=(False, True),
         layers_per_block=1, num_heads=4, cross_attention_dim=64, norm_num_groups=8, sample_size=8,
     ),
+    # The project's Fashion-MNIST model (0.99M parameters, sized for 2 CPU cores): 28x28 grey pixels,
+    # levels 28, 14 and 7, cross-attention over the digits model's 4 class tokens at 7x7 and in the middle.
+    "fashion": UNetConfig(
+        in_channels=1, out_channels=1, block_out_channels=(16, 32, 64), cross_attn=(False, False, True),
+        layers_per_block=1, num_heads=4, cross_attention_dim=64, norm_num_groups=8, sample_size=28,
+    ),
 }
 
 

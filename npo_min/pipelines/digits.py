@@ -21,17 +21,18 @@ from . import Pipeline
 class DigitsPipeline(Pipeline):
     class_names = [str(i) for i in range(NUM_CLASSES)]
     latent_scale = 1
+    family = "digits"
 
     def __init__(self, unet: torch.nn.Module, class_embedding: ClassEmbedding, name: str):
         self.denoiser, self.class_embedding, self.name = unet, class_embedding, name
         self.schedule = NoiseSchedule.sd()
 
     def labels(self, prompts: list[str]) -> torch.Tensor:
-        """Class names "0".."9" -> labels `(B,)`. Raises ValueError for any other prompt."""
+        """Class names (digits: "0".."9") -> labels `(B,)`, the index in class_names. Raises ValueError for any other prompt."""
         bad = [p for p in prompts if p.strip() not in self.class_names]
         if bad:
-            raise ValueError(f"the digits model takes class names 0..9 as prompts; got {bad[:3]}.")
-        return torch.tensor([int(p) for p in prompts])
+            raise ValueError(f"the {self.family} model takes its class names as prompts ({', '.join(self.class_names)}); got {bad[:3]}.")
+        return torch.tensor([self.class_names.index(p.strip()) for p in prompts])
 
     @torch.no_grad()
     def encode(self, prompts):
@@ -44,14 +45,19 @@ class DigitsPipeline(Pipeline):
     def decode(self, x0):
         return x0.clamp(-1, 1)  # pixel space
 
+    @staticmethod
+    def train_split() -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (N, 1, h, w) in [-1, 1], labels (N,)) of the family's train split."""
+        return load_digits("train")
+
     def read_weights(self, path):
         path = Path(path)
         return load_state_dict(path / "model.safetensors" if path.is_dir() else path, prefix="unet.")
 
     def self_npo_batches(self, data, batch_size, generator, resolution=None):
         if data is not None:
-            raise ValueError("--data does not apply to --model digits: its Self-NPO data is the vendored train split.")
-        images, labels = load_digits("train")  # the held-out split never enters training
+            raise ValueError(f"--data does not apply to --model {self.family}: its Self-NPO data is its own train split.")
+        images, labels = self.train_split()  # the held-out split never enters training
         with torch.no_grad():
             contexts = self.class_embedding(labels)
         for idx in shuffled_batches(len(images), batch_size, generator):
