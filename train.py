@@ -27,6 +27,7 @@ import torch
 from npo_min import cli, training
 from npo_min.checkpoint import atomic_write, fingerprint, save_safetensors
 from npo_min.data import image_caption_pairs
+from npo_min.lora import LORA_FILE, add_lora, parse_targets, save_lora
 from npo_min.offsets import save_delta
 from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
 from npo_min.schedule import NoiseSchedule
@@ -62,6 +63,13 @@ def parse_args(argv=None):
     g.add_argument("--loss", default="huber", choices=["huber", "l2"], help="pseudo-Huber or L2 on x0 (default: huber)")
     g.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default: 0.001)")
     g.add_argument("--cond-drop", type=float, default=0.0, help="probability the student is trained on c' instead of c (default: 0)")
+    lo = p.add_argument_group("LoRA training mode (npo_min/lora.py; the saved file is the LoRA, pytorch_lora_weights.safetensors)")
+    lo.add_argument("--lora-rank", type=int, default=None,
+                    help="train a LoRA of this rank instead of every weight; 0 = full fine-tuning "
+                         "(default: 0 for self-npo, the MODELS recipe's rank for the Diffusion-NPO trainers)")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: = rank)")
+    lo.add_argument("--lora-targets", default=None,
+                    help="comma-separated module names (PEFT target_modules rule) (default: to_q,to_k,to_v,to_out.0)")
     o = p.add_argument_group("optimisation (unset = the per-model default listed below)")
     o.add_argument("--steps", type=int, default=None, help="optimizer steps")
     o.add_argument("--batch-size", type=int, default=None, help="batch per micro-step")
@@ -99,6 +107,12 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(args, key)}).")
     if not args.lr > 0:
         p.error(f"--lr must be > 0 (got {args.lr}).")
+    if args.lora_rank is None:
+        args.lora_rank = 0
+    if args.lora_rank < 0 or (args.lora_rank and args.method == "pretrain"):
+        p.error(f"--lora-rank must be >= 0 and does not apply to --method pretrain (got {args.lora_rank}).")
+    if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_targets is not None):
+        p.error("--lora-alpha / --lora-targets need --lora-rank > 0.")
     return args
 
 
@@ -108,7 +122,7 @@ RUN_CONTROL = {"steps", "resume", "overwrite", "no_progress", "save_every", "dev
 def check_args(args) -> None:
     """Refuse flag values that have no meaning (NaN, a Huber c <= 0, ...) and flags that do not apply to the
     chosen model or method, before any work. Raises ValueError naming the flag."""
-    cli.check_finite_flags(args, ["rollout_w", "ema", "huber_c", "cond_drop", "lr", "weight_decay", "grad_clip"])
+    cli.check_finite_flags(args, ["rollout_w", "ema", "huber_c", "cond_drop", "lr", "weight_decay", "grad_clip", "lora_alpha"])
     cli.check_range(args, "huber_c", 0, low_open=True)
     cli.check_range(args, "ema", 0, 1)
     cli.check_range(args, "cond_drop", 0, 1)
@@ -129,6 +143,32 @@ def check_args(args) -> None:
 # flags that set the Self-NPO run only: refused with --method pretrain (its recipe is fixed, see training.pretrain)
 SELF_NPO_ONLY = ("weights", "k", "num_grid", "rollout_w", "ema", "start", "renoise", "loss", "huber_c", "cond_drop",
                  "grad_accum", "weight_decay", "grad_clip", "dtype", "gradient_checkpointing", "config", "resume")
+
+
+def output_file(args) -> str:
+    """The trained weights' file name under --out: the model, the LoRA or the delta."""
+    if args.method == "pretrain":
+        return "model.safetensors"
+    return LORA_FILE if args.lora_rank else "delta.safetensors"
+
+
+def trainable(unet, args) -> dict:
+    """Make `unet` trainable as args say (all weights, or a LoRA on --lora-targets); returns the base state dict."""
+    unet.requires_grad_(True).gradient_checkpointing = args.gradient_checkpointing
+    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    if args.lora_rank:
+        layers = add_lora(unet, args.lora_rank, args.lora_alpha, parse_targets(args.lora_targets))
+        print(f"LoRA rank {args.lora_rank} on {len(layers)} layers "
+              f"({sum(p.numel() for p in unet.parameters() if p.requires_grad)} trainable parameters)")
+    return base
+
+
+def save_offset(unet, base: dict, args, out: Path, meta: dict) -> Path:
+    """Write what was trained: the LoRA (with its rank / alpha / targets) or delta = trained - base."""
+    path = out / output_file(args)
+    if args.lora_rank:
+        return save_lora(unet, base, path, meta, overwrite=args.overwrite)
+    return save_delta(unet.state_dict(), base, path, meta, overwrite=args.overwrite)
 
 
 def write_log(log: list[dict], path: Path) -> None:
@@ -185,8 +225,7 @@ def run_self_npo(args, out: Path) -> None:
     batches = pipe.self_npo_batches(args.data, args.batch_size, gen, resolution=args.resolution)
     null, unet, schedule, base_name = pipe.null_cond(1), pipe.denoiser, pipe.schedule, pipe.name
     del pipe  # the frozen encoders / VAE are not needed any more: the batches hold what they encoded
-    unet.requires_grad_(True).gradient_checkpointing = args.gradient_checkpointing
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    base = trainable(unet, args)
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
     resume_file, recipe = out / RESUME, {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
     resume = load_resume_for(resume_file, recipe) if args.resume else None
@@ -211,7 +250,7 @@ def run_self_npo(args, out: Path) -> None:
             "cond_drop": cfg.cond_drop, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "train_seconds": f"{seconds:.1f}",
             "command": " ".join(sys.argv)}
-    delta_file = save_delta(unet.state_dict(), base, out / "delta.safetensors", meta, overwrite=args.overwrite)
+    delta_file = save_offset(unet, base, args, out, meta)
     write_log(log, out / "loss.csv")
     resume_file.unlink(missing_ok=True)  # the run is complete: the delta is its result
     print(f"wrote {delta_file}: K={cfg.k}, {args.steps} steps in {seconds:.0f} s "
@@ -223,7 +262,7 @@ def output_files(args) -> list[Path]:
     out = Path(args.out)
     if args.method == "pretrain":
         return [out / n for n in ("model.safetensors", "config.json", "loss.csv", "args.json")]
-    return [out / n for n in ("delta.safetensors", "loss.csv", "args.json")]
+    return [out / n for n in (output_file(args), "loss.csv", "args.json")]
 
 
 def main(argv=None):
