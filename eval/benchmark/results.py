@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from eval.benchmark.evaluate import Autoguide, evaluate, format_table
+from npo_min import cli
 from npo_min.checkpoint import atomic_write, read_metadata
 from npo_min.guidance import negative_model
 from npo_min.offsets import read_delta
@@ -40,15 +41,42 @@ PER_MODEL = {  # defaults that differ by model: digits as the README's original 
 }
 
 
-def train_variant(out: Path, name: str, extra: str, weights: str, common: str) -> Path:
-    """Run train.py into out/name unless its delta is already there; returns the delta path."""
+# delta metadata key -> train.py flag (dest): the recipe a reused delta must have been trained with
+RECIPE = {"k": "k", "num_grid": "num_grid", "rollout_w": "rollout_w", "ema_rate": "ema", "start": "start",
+          "renoise": "renoise", "loss": "loss", "huber_c": "huber_c", "cond_drop": "cond_drop", "steps": "steps",
+          "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
+          "seed": "seed"}
+
+
+def recipe_changes(delta: Path, argv: list[str]) -> list[str]:
+    """The recipe entries where the delta's recorded metadata differs from what train.py `argv` would run."""
+    sys.path.insert(0, str(ROOT))
+    import train  # the root script: its parse_args resolves the per-model defaults
+
+    want = vars(train.parse_args(argv))
+    have = read_metadata(delta)
+    return [f"{key}: recorded {have.get(key)!r}, requested {str(want[flag])!r}"
+            for key, flag in RECIPE.items() if have.get(key) != str(want[flag])]
+
+
+def train_variant(out: Path, name: str, extra: str, weights: str, common: str, retrain: bool = False) -> Path:
+    """Run train.py into out/name unless a delta with the same recipe is already there; returns the delta path.
+
+    Raises ValueError: a delta is there, trained with another recipe, and `retrain` is off.
+    """
     delta = out / name / "delta.safetensors"
+    argv = shlex.split(f"--weights {shlex.quote(str(weights))} --out {shlex.quote(str(out / name))} {common} {extra}")
     if delta.exists():
-        print(f"[{name}] reusing {delta}")
-    else:
-        argv = shlex.split(f"--weights {shlex.quote(str(weights))} --out {shlex.quote(str(out / name))} {common} {extra}")
-        print(f"[{name}] python train.py {shlex.join(argv)}")
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True)
+        changes = recipe_changes(delta, argv)
+        if not changes:
+            print(f"[{name}] reusing {delta} (same recipe)")
+            return delta
+        if not retrain:
+            raise ValueError(f"{delta} was trained with another recipe ({'; '.join(changes[:3])}): pass --retrain to "
+                             "train it again, or choose another --out.")
+        argv.append("--overwrite")
+    print(f"[{name}] python train.py {shlex.join(argv)}")
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True)
     return delta
 
 
@@ -62,18 +90,18 @@ def random_like(delta: dict, seed: int) -> dict:
     return out
 
 
-def plot_curves(rows: list[dict], path: Path, y: str = "margin", what: str = "held-out digits") -> None:
-    """`y` ("margin" or "accuracy") against Frechet distance (x), one polyline per method across guidance scales."""
+def plot_curves(rows: list[dict], path: Path, metric: str = "margin", what: str = "held-out digits") -> None:
+    """`metric` ("margin" or "accuracy") against Frechet distance (x), one polyline per method across guidance scales."""
     W, H, pad = 720, 480, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    xs, ys = [r["fd"] for r in rows], [r[y] for r in rows]
+    xs, ys = [r["fd"] for r in rows], [r[metric] for r in rows]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
     sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
     d.rectangle([pad, pad, W - pad, H - pad], outline="black")
     d.text((W // 2 - 110, H - pad + 30), f"Frechet distance to {what} (lower is better)", fill="black")
-    label = "mean margin of the intended class" if y == "margin" else "share classified as the intended class"
+    label = "mean margin of the intended class" if metric == "margin" else "share classified as the intended class"
     d.text((8, pad - 30), f"{label} (higher is better)", fill="black")
     for v in (x0, x1):
         d.text((sx(v) - 10, H - pad + 6), f"{v:.1f}", fill="black")
@@ -82,7 +110,7 @@ def plot_curves(rows: list[dict], path: Path, y: str = "margin", what: str = "he
     colors = ["black", "red", "blue", "green", "orange", "purple", "brown", "magenta", "cyan", "gray"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, m in enumerate(methods):
-        pts = [(sx(r["fd"]), sy(r[y]), r["guidance_scale"]) for r in rows if r["method"] == m]
+        pts = [(sx(r["fd"]), sy(r[metric]), r["guidance_scale"]) for r in rows if r["method"] == m]
         c = colors[i % len(colors)]
         d.line([(x, y) for x, y, _ in pts], fill=c, width=2)
         for x, y, s in pts:
@@ -106,6 +134,7 @@ def main(argv=None):
     p.add_argument("--guidance-scales", default=None, help="comma-separated CFG scales (default: digits 1.5,2,3,4,6; fashion 1.5,3,5)")
     p.add_argument("--num-per-class", type=int, default=None, help="samples per class and scale (default: digits 50, fashion 20)")
     p.add_argument("--seed", type=int, default=1234, help="sampling noise seed")
+    p.add_argument("--retrain", action="store_true", help="retrain a variant whose delta in --out has another recipe")
     args = p.parse_args(argv)
     for key, value in PER_MODEL[args.model].items():
         if getattr(args, key) is None:
@@ -121,7 +150,7 @@ def main(argv=None):
     for item in args.extra:
         name, _, flags = item.partition("=")
         variants[name] = flags.strip('"')
-    deltas = {name: train_variant(out, name, flags, args.weights, common) for name, flags in variants.items()}
+    deltas = {name: train_variant(out, name, flags, args.weights, common, args.retrain) for name, flags in variants.items()}
 
     pipe = load_pipeline(args.model, args.weights)
     unet, embed = pipe.denoiser, pipe.class_embedding
@@ -162,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
