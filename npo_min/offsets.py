@@ -119,13 +119,13 @@ def _metadata_alpha(meta: dict) -> float | None:
     return raw.get("lora_alpha")
 
 
-def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None) -> Offset:
-    """A LoRA -> weight offsets `delta[layer.weight] = scale * up @ down` (float32, base's shapes).
+def lora_factors(lora: Offset, base: Offset, alpha: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A LoRA -> per-layer factors `{layer: (up (out, r), down (r, in * kh * kw))}` (float32), the scale folded
+    into up, so that the layer's weight offset is `(up @ down).reshape(weight.shape)`.
 
-    down (A): `(r, in)` or conv `(r, in, kh, kw)`; up (B): `(out, r)` or `(out, r, 1, 1)`; the product
-    `(out, in * kh * kw)` is reshaped to the layer's weight. scale = alpha / r with a stored `.alpha`
-    (else the `alpha` argument, from the file's metadata), or 1 without any alpha (the diffusers/PEFT
-    convention lora_alpha = r, which the authors' NPO LoRA uses). Keys name layers in any LORA_FORMS.
+    down (A): `(r, in)` or conv `(r, in, kh, kw)`; up (B): `(out, r)` or `(out, r, 1, 1)`. scale = alpha / r
+    with a stored `.alpha` (else the `alpha` argument, from the file's metadata), or 1 without any alpha (the
+    diffusers/PEFT convention lora_alpha = r, which the authors' NPO LoRA uses). Keys name layers in any LORA_FORMS.
 
     Raises CheckpointError: a key names no layer of `base`, a text-encoder or DoRA LoRA, a layer with only
     one of down / up, or a product whose size differs from the layer's weight.
@@ -150,18 +150,53 @@ def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None) -> Off
     if unknown or not parts:
         raise CheckpointError(f"{len(unknown)} of {len(lora)} LoRA keys name no layer of this model, e.g. {unknown[:3]}: "
                               "a LoRA for another model, or an unsupported naming?")
-    delta = {}
+    factors = {}
     for layer, p in sorted(parts.items()):
         if "down" not in p or "up" not in p:
             raise CheckpointError(f"LoRA layer {layer} has {sorted(p)}, but needs both down (A) and up (B).")
         down, up, weight = p["down"].float(), p["up"].float(), base[layer + ".weight"]
         a = p["alpha"].item() if "alpha" in p else alpha
         scale = 1.0 if a is None else a / down.shape[0]
-        product = scale * (up.flatten(1) @ down.flatten(1))  # (out, r) @ (r, in * kh * kw)
-        if product.numel() != weight.numel():
-            raise CheckpointError(f"LoRA layer {layer}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit weight {tuple(weight.shape)}.")
-        delta[layer + ".weight"] = product.reshape(weight.shape)
-    return delta
+        up, down = scale * up.flatten(1), down.flatten(1)  # (out, r), (r, in * kh * kw)
+        if up.shape[1] != down.shape[0] or up.shape[0] * down.shape[1] != weight.numel() or up.shape[0] != weight.shape[0]:
+            raise CheckpointError(f"LoRA layer {layer}: up {tuple(p['up'].shape)} @ down {tuple(p['down'].shape)} "
+                                  f"does not fit weight {tuple(weight.shape)}.")
+        factors[layer] = (up, down)
+    return factors
+
+
+def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None) -> Offset:
+    """A LoRA -> weight offsets `delta[layer.weight] = scale * up @ down` (float32, base's shapes); see lora_factors.
+
+    Raises CheckpointError: as lora_factors.
+    """
+    return {layer + ".weight": (up @ down).reshape(base[layer + ".weight"].shape)  # (out, r) @ (r, in * kh * kw)
+            for layer, (up, down) in lora_factors(lora, base, alpha).items()}
+
+
+def is_lora(path: str | os.PathLike) -> bool:
+    """Whether `path` (a file, or a folder holding pytorch_lora_weights.safetensors) is a LoRA checkpoint."""
+    path = _resolve(Path(path))
+    if not path.is_file():
+        return False
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    return meta.get("format") != FORMAT and any("lora" in k for k in checkpoint_keys(path))
+
+
+def read_lora_factors(path: str | os.PathLike, base: Offset) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors (lora_factors) of the LoRA at `path` for `base`. Raises CheckpointError as lora_factors."""
+    path = _resolve(Path(path))
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    return lora_factors(load_state_dict(path), base, _metadata_alpha(meta))
+
+
+def _resolve(path: Path) -> Path:
+    """A folder -> its delta.safetensors or pytorch_lora_weights.safetensors when it holds one."""
+    if path.is_dir():
+        for name in ("delta.safetensors", "pytorch_lora_weights.safetensors"):
+            if (path / name).is_file():
+                return path / name
+    return path
 
 
 # ----------------------------------------------------------------------------- any offset file
@@ -185,11 +220,7 @@ def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[P
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"offset checkpoint not found: {path}. Pass a delta.safetensors, a LoRA or a fine-tuned model.")
-    if path.is_dir():
-        for name in ("delta.safetensors", "pytorch_lora_weights.safetensors"):
-            if (path / name).is_file():
-                path = path / name
-                break
+    path = _resolve(path)
     if path.is_file():
         meta = read_metadata(path) if path.suffix == ".safetensors" else {}
         if meta.get("format") == FORMAT:
