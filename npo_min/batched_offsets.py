@@ -109,7 +109,7 @@ def load_offset_factors(path, base: Offset, read_weights=None, check_fingerprint
     Raises CheckpointError as load_offset / lora_factors; ValueError for rank < 1.
     """
     if is_lora(path):
-        off = LowRankOffset(read_lora_factors(path, base))
+        off = LowRankOffset(read_lora_factors(path, base, check_fingerprint))
         return off, f"LoRA, {len(off.factors)} layers, rank {off.rank}"
     dense = load_offset(path, base, read_weights, check_fingerprint, trust_delta)
     if rank is None:

@@ -217,3 +217,35 @@ def test_load_offset_factors_reads_lora_and_cuts_deltas(tmp_path):
     assert isinstance(off, LowRankOffset) and off.rank == 2 and "relative error" in how
     composed = compose_negative(base, delta=off.to_dense(base))
     assert all(composed[k].shape == base[k].shape for k in base)
+
+
+def test_our_lora_mode_file_runs_one_pass(tmp_path):
+    """train.py --lora-rank writes PEFT-named factors with alpha and the base fingerprint (npo_min.lora.save_lora):
+    they load as factors (alpha / r folded in), run in one pass, and equal the two-model result."""
+    import copy
+
+    from npo_min.lora import add_lora, base_state_dict, merged_offset, save_lora
+
+    unet = make_unet()
+    base = copy.deepcopy(unet.state_dict())
+    adapted = copy.deepcopy(unet)
+    add_lora(adapted, rank=4, alpha=2.0, targets=("to_q", "to_v", "to_out.0", "ff.net.2"))
+    g = _gen(9)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    path = save_lora(adapted, base_state_dict(adapted), tmp_path / "pytorch_lora_weights.safetensors", {"base": "tiny"})
+    off, how = load_offset_factors(tmp_path, base)
+    assert isinstance(off, LowRankOffset) and "rank 4" in how
+    want_delta = merged_offset(adapted)
+    dense = off.to_dense(base)
+    assert sorted(dense) == sorted(want_delta) and max((dense[k] - want_delta[k]).abs().max().item() for k in dense) <= 1e-6
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        load_offset_factors(path, {k: v + 1 for k, v in base.items()})
+    x, t, cond, null = inputs(unet)
+    want = reference(unet, None, want_delta, 1.0, 1.0, x, t, cond, null, 7.5)
+    pos, neg, how = npo_denoisers(unet, delta=off)
+    with torch.no_grad():
+        got = guided_denoiser(pos, neg, cond, null, 7.5)(x, t)
+    assert how.startswith("one-pass") and rel(got, want) <= 1e-5
