@@ -20,13 +20,12 @@ before any work unless --overwrite.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from npo_min.checkpoint import CheckpointError, atomic_write, check_writable
+from npo_min import cli
 from npo_min.batched_offsets import load_offset_factors, npo_denoisers
 from npo_min.guidance import guided_denoiser
 from npo_min.images import labelled_grid, save_png, to_pil
@@ -34,6 +33,7 @@ from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
 from npo_min.prompts import read_prompts
 from npo_min.solvers import SOLVERS, sample
 
+SCRIPT = "sample.py"
 GRID_ROWS = 16  # grid.png shows the first rows only: 500 rows of 512 px would be an unusable image
 
 
@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/samples", help="output folder (default: out/samples)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--ignore-fingerprint", action="store_true", help="apply a delta made for another base checkpoint")
+    p.add_argument("--trust-delta", action="store_true",
+                   help="apply an offset file without our metadata (its base cannot be checked) as delta")
     p.add_argument("--config", default=None, help="architecture preset of the family (default: the checkpoint's own / the full model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file weights (vocab.json, merges.txt)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default: fp32)")
@@ -82,6 +84,15 @@ def parse_args(argv=None):
     for key in ("steps", "num_per_class", "batch_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(args, key)}).")
+    if args.weights is None:
+        raise ValueError(f"--model {args.model} needs --weights PATH: its base checkpoint (a single .safetensors / "
+                         ".ckpt file or a diffusers folder; weights/README.md says where to get it).")
+    cli.check_finite_flags(args, ["alpha", "beta", "guidance_scale"])
+    for key in ("height", "width"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key} must be >= 1 pixel (got {getattr(args, key)}).")
+    if args.prompts is not None and args.num_per_class != p.get_default("num_per_class"):
+        raise ValueError("--num-per-class does not apply with --prompts: each prompt is drawn once.")
     return args
 
 
@@ -100,18 +111,17 @@ def main(argv=None) -> list[Path]:
     pipe.noise_shape(args.height, args.width)  # refuses an impossible size before any work
     out = Path(args.out)
     names = [f"{kind}/{i:04d}.png" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
-    files = [check_writable(out / name, args.overwrite) for name in names]
-    check_writable(out / "args.json", args.overwrite)
+    files = cli.check_out([out / name for name in names] + [out / "args.json"], args.overwrite, SCRIPT)[:-1]
 
     # theta_pos = theta + eta on c; theta_neg = theta + alpha eta + beta delta on c' (Eq. 10)
     base = pipe.denoiser.state_dict()
     check = not args.ignore_fingerprint
     eta = delta = None
     if args.pos_ckpt:
-        eta, how = load_offset_factors(args.pos_ckpt, base, pipe.read_weights, check)
+        eta, how = load_offset_factors(args.pos_ckpt, base, pipe.read_weights, check, args.trust_delta)
         print(f"--pos-ckpt {args.pos_ckpt}: {how}")
     if args.neg_ckpt:
-        delta, how = load_offset_factors(args.neg_ckpt, base, pipe.read_weights, check, rank=args.delta_rank)
+        delta, how = load_offset_factors(args.neg_ckpt, base, pipe.read_weights, check, args.trust_delta, rank=args.delta_rank)
         print(f"--neg-ckpt {args.neg_ckpt}: {how}")
     del base
     pos, neg, how = npo_denoisers(pipe.denoiser, eta, delta, args.alpha, args.beta, one_pass=False if args.two_model else None)
@@ -140,7 +150,7 @@ def main(argv=None) -> list[Path]:
     title = (f"{args.model}: {args.solver} {args.steps} steps, seed {args.seed}+i"
              + (f", neg {Path(args.neg_ckpt).name}" if args.neg_ckpt else "") + (f", pos {Path(args.pos_ckpt).name}" if args.pos_ckpt else ""))
     save_png(labelled_grid(blocks, labels, title), out / "grid.png")
-    atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))
+    cli.write_args(out / "args.json", args, SCRIPT)
     print(f"wrote {2 * len(prompts)} images under {out}/base and {out}/npo, and {out / 'grid.png'} "
           f"(left plain CFG, right NPO, guidance scale {args.guidance_scale:g}, beta {args.beta:g}; same noise per position)")
     return files
@@ -151,7 +161,4 @@ def _rows(images: list, per_row: int) -> list[list]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main)
