@@ -189,7 +189,8 @@ def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None, alpha_
         scale = 1.0 if a is None else a / down.shape[0]
         product = scale * (up.flatten(1) @ down.flatten(1))  # (out, r) @ (r, in * kh * kw)
         if product.numel() != weight.numel():
-            raise CheckpointError(f"LoRA layer {layer}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit weight {tuple(weight.shape)}.")
+            raise CheckpointError(f"LoRA layer {layer}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit weight "
+                                  f"{tuple(weight.shape)}: a LoRA made for another model (e.g. SD1.5 vs SDXL)?")
         delta[layer + ".weight"] = product.reshape(weight.shape)
     return delta
 

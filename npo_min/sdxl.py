@@ -170,10 +170,19 @@ def read_single_file(path: str | os.PathLike, cfg: SDXLConfig) -> dict[str, dict
     return parts
 
 
+def require_folder_parts(folder: Path) -> None:
+    """Raise CheckpointError naming the first of unet/ vae/ text_encoder/ text_encoder_2/ the folder lacks."""
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if not (folder / sub).is_dir():
+            raise CheckpointError(f"{folder} has no {sub}/ folder: an SDXL diffusers folder holds unet/ vae/ text_encoder/ "
+                                  "text_encoder_2/ tokenizer/ tokenizer_2/.")
+
+
 def config_from_folder(folder: str | os.PathLike) -> SDXLConfig:
     """The architecture a diffusers folder describes in unet/, vae/, text_encoder/, text_encoder_2/ config.json
     (the SDXL preset's value where a file is absent). Raises CheckpointError: an architecture the UNet lacks."""
     folder, base = Path(folder), PRESETS["sdxl"]
+    require_folder_parts(folder)
     unet, vae, text, text_2 = (_read_json(folder / sub / "config.json") for sub in ("unet", "vae", "text_encoder", "text_encoder_2"))
     vae_cfg = base.vae
     if vae:
@@ -191,10 +200,7 @@ def load_parts(path: str | os.PathLike, cfg: SDXLConfig, dtype: torch.dtype = to
     """
     path = Path(path)
     if path.is_dir():
-        for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if not (path / sub).is_dir():
-                raise CheckpointError(f"{path} has no {sub}/ folder: an SDXL diffusers folder holds unet/ vae/ text_encoder/ "
-                                      "text_encoder_2/ tokenizer/ tokenizer_2/.")
+        require_folder_parts(path)
         return (load_unet(path / "unet", cfg.unet, dtype), load_vae(path / "vae", cfg.vae, dtype),
                 load_text_encoder(path / "text_encoder", cfg.text, dtype), load_text_encoder(path / "text_encoder_2", cfg.text_2, dtype))
     parts = read_single_file(path, cfg)
