@@ -7,19 +7,32 @@ to a list of dicts that the CLI writes out.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
+import sys
+import threading
 import time
 from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import shuffled_batches
 from .schedule import NoiseSchedule
-from .self_npo import SelfNPOConfig, denoising_loss, ema_update, tdft_loss, truncated_rollout
+from .self_npo import SelfNPOConfig, denoising_loss, ema_update, sharded, tdft_loss, truncated_rollout
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x0 (B, C, H, W), context (B, L, D))
+
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN / Inf loss or gradient (diverged); `step` is the optimizer step (1-based)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
 
 
 def self_npo(
@@ -37,6 +50,10 @@ def self_npo(
     generator: torch.Generator | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    resume: dict | None = None,
+    save: Callable[[dict], None] | None = None,
+    save_every: int = 0,
+    dist: "distributed.Dist | None" = None,
 ) -> list[dict]:
     """Fine-tune `student` in place with TDFT; the EMA target starts as a copy of it.
 
@@ -44,36 +61,136 @@ def self_npo(
     Authors' SD1.5 defaults: AdamW lr 1e-6, weight decay 1e-3, grad clip 1.0, constant LR,
     1000 steps at batch 80. Returns the per-step log.
 
+    Resumable: every `save_every` steps (and at a Ctrl-C, after the step in progress) `save(state)` gets
+    `training_state(...)`: student, EMA target, optimizer, step, log, the RNG states of torch and of
+    `generator`, and the data order (if `batches` has `state_dict`). `resume=state` continues from it;
+    the result is bitwise that of an uninterrupted run (same device and threads).
+
+    dist: a data-parallel run (npo_min/distributed.py, torchrun): the student is wrapped in
+    DistributedDataParallel, `batches` must yield this rank's shard (distributed.ShardedBatches) and the
+    random draws are sharded the same way, so N ranks equal one process with N times the batch; the
+    logged loss is the mean over ranks. Pass `save` on rank 0 only.
+
     Raises:
-        ValueError: steps or grad_accum < 1.
+        ValueError: steps or grad_accum < 1, a resume state past `steps`.
+        NonFiniteError: a NaN / Inf loss or gradient norm, at the step it appears (before the optimizer
+            applies it, so the student and the last saved state stay finite).
+        KeyboardInterrupt: Ctrl-C, after saving the state of the last finished step (if `save`).
     """
     if steps < 1 or grad_accum < 1:
         raise ValueError(f"steps and grad_accum must be >= 1; got {steps}, {grad_accum}.")
     target = copy.deepcopy(student).eval().requires_grad_(False)
     student.train()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    log, start = [], time.time()
-    bar = tqdm(range(1, steps + 1), desc="self-npo", disable=not progress)
-    for step in bar:
-        total = 0.0
-        for _ in range(grad_accum):
-            x0, cond = next(batches)
-            with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator)
-                loss = tdft_loss(student, x_t, t, x0_target, cond, null_context, schedule, cfg, generator) / grad_accum
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(target, student, cfg.ema_rate)
-        entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": t.float().mean().item(), "seconds": time.time() - start}
-        log.append(entry)
-        bar.set_postfix(loss=f"{total:.4g}")
-        if on_step:
-            on_step(step, entry)
+    log, first = [], 1
+    if resume is not None:
+        first = restore_training_state(resume, student, target, opt, batches, generator) + 1
+        log = list(resume["log"])
+        if first > steps + 1:
+            raise ValueError(f"the resume checkpoint is at step {first - 1}, past --steps {steps}.")
+    state = lambda step: training_state(step, log, student, target, opt, batches, generator)  # noqa: E731
+    model, shard = student, contextlib.nullcontext()
+    if dist is not None:  # gradients averaged over ranks in backward; draws sliced per rank
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+        shard, progress = sharded(dist.rank, dist.world), progress and dist.main
+    start = time.time() - (log[-1]["seconds"] if log else 0.0)
+    bar = tqdm(range(first, steps + 1), desc="self-npo", disable=not progress, initial=first - 1, total=steps)
+    with _interrupt_after_step() as interrupted, shard:
+        for step in bar:
+            total = 0.0
+            for micro in range(grad_accum):
+                x0, cond = next(batches)
+                sync = model.no_sync() if dist is not None and micro < grad_accum - 1 else contextlib.nullcontext()
+                with sync:  # DDP: no gradient all-reduce until the last micro-step
+                    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator)
+                        loss = tdft_loss(model, x_t, t, x0_target, cond, null_context, schedule, cfg, generator) / grad_accum
+                    loss.backward()
+                total += loss.item()
+            if dist is not None:
+                total = distributed.mean(total, x0.device)  # the same on every rank, so all stop together
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip).item()
+            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                raise NonFiniteError(step, f"training diverged at step {step}: loss {total:.4g}, gradient norm "
+                                           f"{grad_norm:.4g} (not finite). Lower --lr or check the recipe flags.")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(target, student, cfg.ema_rate)
+            mean_t = t.float().mean().item() if dist is None else distributed.mean(t.float().mean().item(), x0.device)
+            entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": mean_t, "seconds": time.time() - start}
+            log.append(entry)
+            bar.set_postfix(loss=f"{total:.4g}")
+            if on_step:
+                on_step(step, entry)
+            if save is not None and ((save_every and step % save_every == 0 and step < steps) or interrupted()):
+                save(state(step))
+            if interrupted():
+                raise KeyboardInterrupt(f"step {step}")
     student.eval()
     return log
+
+
+def training_state(step, log, student, target, opt, batches, generator) -> dict:
+    """Everything a Self-NPO run needs to continue bit for bit after `step` (CPU tensors; torch.save-able)."""
+    cpu = lambda sd: {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # noqa: E731
+    return {"step": step, "log": list(log), "student": cpu(student.state_dict()), "target": cpu(target.state_dict()),
+            "optimizer": _to_cpu(opt.state_dict()), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state() if generator is not None else None,
+            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}
+
+
+def restore_training_state(state: dict, student, target, opt, batches, generator) -> int:
+    """Load `training_state(...)` into the run's objects; returns the step it was saved after.
+
+    Raises ValueError: the batches cannot restore a data order (their model family does not support --resume).
+    """
+    if state.get("batches") is None or not hasattr(batches, "load_state_dict"):
+        raise ValueError("this model's training batches have no resumable data order: start without --resume.")
+    student.load_state_dict(state["student"])
+    target.load_state_dict(state["target"])
+    opt.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["batches"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+    return int(state["step"])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+@contextlib.contextmanager
+def _interrupt_after_step():
+    """Ctrl-C (SIGINT) sets a flag that the loop reads after its step, so a saved state is always a whole
+    step; a second Ctrl-C interrupts at once. Outside the main thread the default handling stays."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+        print("\nCtrl-C: stopping after this step (press again to stop at once) ...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def pretrain(
@@ -96,6 +213,8 @@ def pretrain(
     Labels are replaced by `null_label` with probability `label_drop` (CFG's unconditional branch).
     AdamW with linear warm-up (200 steps) then cosine decay; returns (EMA state dict with keys
     `unet.*` / `class_embedding.*`, per-step log).
+
+    Raises NonFiniteError: a NaN / Inf loss, at its step.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}.")
@@ -114,6 +233,8 @@ def pretrain(
         y = labels[idx].clone()
         y[torch.rand(len(y), generator=generator) < label_drop] = null_label
         loss = denoising_loss(unet, images[idx], embed(y), schedule, generator)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteError(step, f"training diverged at step {step}: loss {loss.item()} (not finite). Lower --lr.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -21,7 +21,7 @@ from PIL import Image
 from ..checkpoint import CheckpointError
 from ..clip import CLIPTextModel
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
-from ..data import centre_crop_box, image_caption_pairs, load_image, shuffled_batches
+from ..data import MappedBatches, centre_crop_box, image_caption_pairs, load_image, shuffled_batches
 from ..schedule import NoiseSchedule
 from ..sdxl import SDXLConfig, checkpoint_family, config_from_folder, encode_prompt, get_config, load_parts, time_ids
 from ..unet import UNet2DConditionModel, read_unet_weights
@@ -124,10 +124,12 @@ class SDXLPipeline(Pipeline):
 
 
 def _latent_batches(mean, std, cond, batch_size, generator, device):
-    # a plain generator function, so the batches hold the encoded tensors but not the pipeline (VAE, CLIP)
-    for idx in shuffled_batches(len(mean), batch_size, generator):
+    # a module-level function, so the batches hold the encoded tensors but not the pipeline (VAE, CLIP);
+    # MappedBatches: the data order can be saved and resumed (train.py --resume)
+    def batch(idx):
         eps = torch.randn(mean[idx].shape, generator=generator)
-        yield (mean[idx] + std[idx] * eps).to(device), {k: v[idx].to(device) for k, v in cond.items()}
+        return (mean[idx] + std[idx] * eps).to(device), {k: v[idx].to(device) for k, v in cond.items()}
+    return MappedBatches(shuffled_batches(len(mean), batch_size, generator), batch)
 
 
 def _tokenizers(tok_dir: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
