@@ -2,6 +2,7 @@
 
     python sample.py --neg-ckpt out/self-npo/delta.safetensors            # digits: 8 samples of each class
     python sample.py --model sd15 --weights PATH --neg-ckpt delta.safetensors --prompts prompts.txt
+    python sample.py --model sdxl --weights sd_xl_base_1.0.safetensors --tokenizer DIR --neg-ckpt delta.safetensors --prompts p.txt
 
 Guidance (Diffusion-NPO Eq. 9, 10): eps = eps_neg + s (eps_pos - eps_neg), s = guidance_scale = w + 1;
 positive weights theta_pos = theta + eta (eta from --pos-ckpt, else 0), negative weights
@@ -109,6 +110,7 @@ def main(argv=None) -> list[Path]:
     else:
         raise ValueError(f"--model {args.model} needs --prompts FILE (.txt one prompt a line, .jsonl or .csv).")
     pipe.noise_shape(args.height, args.width)  # refuses an impossible size before any work
+    pipe.set_image_size(args.height, args.width)  # SDXL conditions on it (time ids); others ignore it
     out = Path(args.out)
     names = [f"{kind}/{i:04d}.png" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
     files = cli.check_out([out / name for name in names] + [out / "args.json"], args.overwrite, SCRIPT)[:-1]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .guidance import expand_cond, guided_denoiser, where_cond
+from .guidance import expand_cond, guided_denoiser, share_cond, where_cond
 from .schedule import NoiseSchedule, add_noise, eps_to_x0, renoise_eq15, renoise_eq16
 
 
@@ -157,7 +157,7 @@ def tdft_loss(student, x_t, t, x0_target, cond, null, schedule: NoiseSchedule, c
     context = cond
     if cfg.cond_drop > 0:
         drop = _draw(torch.rand, (x_t.shape[0],), generator).to(x_t.device) < cfg.cond_drop
-        context = where_cond(drop, expand_cond(null, x_t.shape[0]), cond)
+        context = where_cond(drop, share_cond(expand_cond(null, x_t.shape[0]), cond), cond)
     x0_pred = eps_to_x0(x_s, student(x_s, s, context), alpha_s, sigma_s)
     d = x0_pred.float() - x0_target.float()
     return pseudo_huber(d, cfg.huber_c).mean() if cfg.loss == "huber" else (d**2).mean()
