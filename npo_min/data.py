@@ -43,11 +43,17 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
         raise ValueError(f"{path} is not a readable image ({e}): remove or replace it.") from None
-    scale = resolution / min(img.size)
-    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.LANCZOS)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top, width, height = centre_crop_box(img.size, resolution)
+    img = img.resize((width, height), Image.LANCZOS).crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (H, W, 3) -> (3, H, W)
+
+
+def centre_crop_box(size: tuple[int, int], resolution: int) -> tuple[int, int, int, int]:
+    """load_image's geometry for an image of `size` (width, height): (left, top) of the crop in the resized
+    image, and that resized (width, height). SDXL's crop time ids are (top, left)."""
+    scale = resolution / min(size)
+    width, height = max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale))
+    return (width - resolution) // 2, (height - resolution) // 2, width, height
 
 
 class ShuffledBatches:

@@ -67,6 +67,10 @@ class Pipeline:
             raise ValueError(f"--height and --width must be positive multiples of {s}; got {height} x {width}.")
         return (self.denoiser.cfg.in_channels, height // s, width // s)
 
+    def set_image_size(self, height: int, width: int) -> None:
+        """The size `encode` conditions on, for families whose conditioning includes it (SDXL's time ids);
+        the others ignore it."""
+
     def noise(self, n: int, first_seed: int, height: int, width: int) -> torch.Tensor:
         """x_T ~ N(0, I) `(n, C, h, w)`, float32 on the CPU; sample i from a generator seeded first_seed + i,
         so a sample does not depend on the batch it is drawn in."""
@@ -86,6 +90,18 @@ class Pipeline:
         """Endless `(x0 (B, C, h, w), cond)` batches of real data for Self-NPO's rollout start (Eq. 14)."""
         raise NotImplementedError
 
+    def load_pixels(self, path: str | os.PathLike, resolution: int | None = None) -> torch.Tensor:
+        """An image file -> `(C, H, W)` pixels in [-1, 1] as the model sees them (preference pairs, npo_min/pairs.py)."""
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels `(B, C, H, W)` in [-1, 1] -> (mean, std) of the model's x0 (VAE posterior; std 0 in pixel space)."""
+        raise NotImplementedError
+
+    def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
+        """As `decode`, but differentiable (reward fine-tuning back-propagates through it); not clamped."""
+        raise NotImplementedError
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move every module of the pipeline (the denoiser included)."""
         for module in vars(self).values():
@@ -103,6 +119,7 @@ class ModelSpec:
     train: dict = field(default_factory=dict)   # Self-NPO defaults: steps, batch_size, lr, ...
     sample: dict = field(default_factory=dict)  # sampling defaults: guidance_scale, steps, solver, spacing, size
     pretrain: dict | None = None     # `train.py --method pretrain` defaults; None = comes pretrained
+    npo: dict = field(default_factory=dict)  # Diffusion-NPO trainers (dpo-npo, reward-npo, ...) defaults; {} = none yet
 
 
 MODELS = {
@@ -111,7 +128,10 @@ MODELS = {
         "npo_min.pipelines.digits", "weights/digits",
         train=dict(steps=400, batch_size=64, grad_accum=1, lr=1e-4, weight_decay=1e-3),
         sample=dict(guidance_scale=3.0, steps=25, solver="ddim", spacing="trailing", height=8, width=8, batch_size=100),
-        pretrain=dict(steps=4000, batch_size=128, lr=1e-3)),  # AdamW, warm-up + cosine, 10% label dropout, EMA 0.999
+        pretrain=dict(steps=4000, batch_size=128, lr=1e-3),  # AdamW, warm-up + cosine, 10% label dropout, EMA 0.999
+        # Sized for 2 CPU cores; beta and lr chosen on this model (README, Diffusion-NPO on digits), LoRA rank as the authors'.
+        npo=dict(steps=200, batch_size=64, grad_accum=1, lr=1e-3, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward="digits-margin", reward_k=1, sample_steps=10, guidance_scale=3.0)),
     # Fashion-MNIST 28x28 (npo_min/fashion.py), sized for 2 CPU cores: pretraining <= 60 min on one torch thread
     # (threads=1 makes it reproducible), with the 10% and 30% EMA snapshots of the same run as the weak models of
     # autoguidance (written to OUT-10pct/, OUT-30pct/). Self-NPO at the digits recipe, fewer steps (28x28 costs ~12x 8x8).
@@ -126,7 +146,19 @@ MODELS = {
     "sd15": ModelSpec(
         "npo_min.pipelines.sd15", None,
         train=dict(steps=1000, batch_size=20, grad_accum=4, lr=1e-6, weight_decay=1e-3),
-        sample=dict(guidance_scale=7.5, steps=25, solver="dpmpp_2m", spacing="trailing", height=512, width=512, batch_size=4)),
+        sample=dict(guidance_scale=7.5, steps=25, solver="dpmpp_2m", spacing="trailing", height=512, width=512, batch_size=4),
+        # The authors' Diffusion-NPO DPO recipe (REFERENCE.md): LoRA rank 8 on to_q/to_k/to_v/to_out.0, beta 500
+        # (SDXL: 2000), lr 5e-6, batch 64 = 8 x 8 accumulation, 2000 steps; reward-NPO: DRaFT-1 on PickScore.
+        npo=dict(steps=2000, batch_size=8, grad_accum=8, lr=5e-6, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward="pickscore", reward_k=1, sample_steps=25, guidance_scale=7.5)),
+    # The authors' SDXL recipe (Self-NPO/train_xl.py, train_xl.sh): lr 1e-7, AdamW weight decay 0, 1000 steps, batch 10,
+    # 1024 px, rollout w = -5 with zero unconditional embeddings (K 5 of N 25, EMA 0.999, pseudo-Huber 0.001 are the
+    # shared defaults); sampling as their gen_xl.py: DPM-Solver++(2M) 25 steps, scale 5, 1024 px (`--solver euler`
+    # is the other usual SDXL sampler); "leading" spacing with offset 1, as the scheduler config SDXL ships.
+    "sdxl": ModelSpec(
+        "npo_min.pipelines.sdxl", None,
+        train=dict(steps=1000, batch_size=10, grad_accum=1, lr=1e-7, weight_decay=0.0, rollout_w=-5.0, resolution=1024),
+        sample=dict(guidance_scale=5.0, steps=25, solver="dpmpp_2m", spacing="leading", height=1024, width=1024, batch_size=2)),
 }
 
 

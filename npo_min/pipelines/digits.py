@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..checkpoint import load_state_dict
 from ..data import MappedBatches, shuffled_batches
@@ -31,7 +33,8 @@ class DigitsPipeline(Pipeline):
         """Class names (digits: "0".."9") -> labels `(B,)`, the index in class_names. Raises ValueError for any other prompt."""
         bad = [p for p in prompts if p.strip() not in self.class_names]
         if bad:
-            raise ValueError(f"the {self.family} model takes its class names as prompts ({', '.join(self.class_names)}); got {bad[:3]}.")
+            names = "0..9" if self.family == "digits" else ", ".join(self.class_names)
+            raise ValueError(f"the {self.family} model takes class names {names} as prompts; got {bad[:3]}.")
         return torch.tensor([self.class_names.index(p.strip()) for p in prompts])
 
     @torch.no_grad()
@@ -49,6 +52,21 @@ class DigitsPipeline(Pipeline):
     def train_split() -> tuple[torch.Tensor, torch.Tensor]:
         """(images (N, 1, h, w) in [-1, 1], labels (N,)) of the family's train split."""
         return load_digits("train")
+    def load_pixels(self, path, resolution=None):
+        """An S x S greyscale PNG (as sample.py writes; S = 8 digits, 28 fashion) -> `(1, S, S)` in [-1, 1];
+        ValueError for another size."""
+        side = self.denoiser.cfg.sample_size
+        with Image.open(path) as im:
+            if im.size != (side, side):
+                raise ValueError(f"{path} is {im.size[0]}x{im.size[1]}: the {self.family} model takes {side}x{side} images.")
+            x = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32).copy())
+        return (x / 127.5 - 1.0)[None]  # (S, S) -> (1, S, S), the inverse of images.to_pil
+
+    def encode_pixels(self, pixels):
+        return pixels.float(), torch.zeros_like(pixels, dtype=torch.float32)
+
+    def decode_with_grad(self, x0):
+        return x0
 
     def read_weights(self, path):
         path = Path(path)
