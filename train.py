@@ -4,6 +4,7 @@
     python train.py --k 25 --start noise             # the paper's full-simulation baseline
     python train.py --method pretrain --out weights/digits --overwrite   # remake the shipped base model
     python train.py --model sd15 --weights v1-5-pruned-emaonly.safetensors --data DIR --k 5
+    python train.py --model cogvideox --weights CogVideoX-2b --data CLIPS --k 5 --dtype bf16 --gradient-checkpointing
 
 Every model reads the same way: the family's pipeline (npo_min/pipelines/) gives the denoiser, the
 unconditional c' and the real-data batches; npo_min/training.py runs the Self-NPO loop (Eq. 13-17);
@@ -31,7 +32,8 @@ from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
 from npo_min.schedule import NoiseSchedule
 from npo_min.self_npo import SelfNPOConfig
 
-PER_MODEL = {"steps": None, "batch_size": None, "grad_accum": 1, "lr": None, "weight_decay": 1e-3}  # flag: fallback
+PER_MODEL = {"steps": None, "batch_size": None, "grad_accum": 1, "lr": None, "weight_decay": 1e-3,  # flag: fallback
+             "resolution": "512", "num_frames": None}
 
 
 def _defaults_help() -> str:
@@ -47,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--method", default="self-npo", choices=["self-npo", "pretrain"],
                    help="self-npo: TDFT fine-tuning -> delta; pretrain: plain diffusion training of a small model (default: self-npo)")
     p.add_argument("--weights", default=None, help="base checkpoint (digits: weights/digits; sd15: single file or diffusers folder)")
-    p.add_argument("--data", default=None, help="text-to-image models: folder of images with same-name .txt captions")
+    p.add_argument("--data", default=None, help="text-to-image models: folder of images with same-name .txt captions; "
+                   "cogvideox: folder of clips (.gif / .webp / frame folders) with same-name .txt captions")
     p.add_argument("--out", default="out/self-npo", help="output folder (default: out/self-npo)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     g = p.add_argument_group("Self-NPO recipe (Self-NPO Eq. 13-17; defaults = the authors')")
@@ -72,7 +75,9 @@ def parse_args(argv=None):
     m = p.add_argument_group("model loading and memory")
     m.add_argument("--config", default=None, help="architecture preset of the family (default: the checkpoint's own / the full model)")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file weights (vocab.json, merges.txt)")
-    m.add_argument("--resolution", type=int, default=512, help="text-to-image training resolution in pixels (default: 512)")
+    m.add_argument("--resolution", default=None, help="training resolution in pixels: N (square) or HxW (video); per-model default (sd15 512, cogvideox 480x720)")
+    m.add_argument("--num-frames", type=int, default=None, help="video models: frames per training clip, 4k + 1 (cogvideox default: 49)")
+    m.add_argument("--text-dtype", default=None, choices=sorted(DTYPES), help="text encoder weights dtype if not fp32 (cogvideox: bf16 halves T5-XXL's 19 GB)")
     m.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype; weights stay fp32 (default: fp32)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if present)")
@@ -92,7 +97,21 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(args, key)}).")
     if not args.lr > 0:
         p.error(f"--lr must be > 0 (got {args.lr}).")
+    try:
+        args.resolution = parse_resolution(args.resolution)
+    except ValueError as e:
+        p.error(str(e))
+    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
+        p.error(f"--num-frames {args.num_frames} is not 4k + 1 (e.g. 9, 13, 49): the video VAE compresses time by 4.")
     return args
+
+
+def parse_resolution(value) -> int | tuple[int, int]:
+    """"512" -> 512 (square images); "480x720" -> (480, 720) (height x width, video). Raises ValueError."""
+    parts = str(value).lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--resolution must be N or HxW in pixels (e.g. 512, 480x720); got {value!r}.")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
 
 
 def write_log(log: list[dict], path: Path) -> None:
@@ -128,16 +147,23 @@ def run_self_npo(args, out: Path) -> None:
                         renoise=args.renoise, loss=args.loss, huber_c=args.huber_c, cond_drop=args.cond_drop)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer)
-    batches = pipe.self_npo_batches(args.data, args.batch_size, gen, resolution=args.resolution)
+    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer,
+                         text_dtype=DTYPES.get(args.text_dtype))
+    if not pipe.video and (args.num_frames is not None or isinstance(args.resolution, tuple)):
+        raise ValueError(f"--num-frames and --resolution HxW are for video models; --model {args.model} takes --resolution N.")
+    video = {"num_frames": args.num_frames} if pipe.video else {}
+    batches = pipe.self_npo_batches(args.data, args.batch_size, gen, resolution=args.resolution, **video)
     null, unet, schedule, base_name = pipe.null_cond(1), pipe.denoiser, pipe.schedule, pipe.name
+    prediction_type = pipe.prediction_type
+    pipe.release_text_encoder()
     del pipe  # the frozen encoders / VAE are not needed any more: the batches hold what they encoded
     unet.requires_grad_(True).gradient_checkpointing = args.gradient_checkpointing
     base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
     start = time.time()
     log = training.self_npo(unet, batches, null, schedule, cfg, args.steps, args.lr, args.weight_decay,
-                            args.grad_clip, args.grad_accum, autocast, gen, progress=not args.no_progress)
+                            args.grad_clip, args.grad_accum, autocast, gen, progress=not args.no_progress,
+                            prediction_type=prediction_type)
     seconds = time.time() - start
     meta = {"base": base_name, "model": args.model, "k": cfg.k, "num_grid": cfg.num_grid, "rollout_w": cfg.rollout_w,
             "ema_rate": cfg.ema_rate, "start": cfg.start, "renoise": cfg.renoise, "loss": cfg.loss, "huber_c": cfg.huber_c,

@@ -37,10 +37,12 @@ def self_npo(
     generator: torch.Generator | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    prediction_type: str = "epsilon",
 ) -> list[dict]:
     """Fine-tune `student` in place with TDFT; the EMA target starts as a copy of it.
 
     null_context: `(1, L, D)` the c' used inside the rollout (and for cond_drop).
+    prediction_type: the student's output, "epsilon" (SD, digits) or "v_prediction" (CogVideoX).
     Authors' SD1.5 defaults: AdamW lr 1e-6, weight decay 1e-3, grad clip 1.0, constant LR,
     1000 steps at batch 80. Returns the per-step log.
 
@@ -59,8 +61,10 @@ def self_npo(
         for _ in range(grad_accum):
             x0, cond = next(batches)
             with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator)
-                loss = tdft_loss(student, x_t, t, x0_target, cond, null_context, schedule, cfg, generator) / grad_accum
+                x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator,
+                                                      prediction_type=prediction_type)
+                loss = tdft_loss(student, x_t, t, x0_target, cond, null_context, schedule, cfg, generator,
+                                 prediction_type) / grad_accum
             loss.backward()
             total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip).item()
