@@ -1,15 +1,19 @@
-"""The Stable Diffusion 1.x UNet, in plain PyTorch; the digits model is the same code, smaller.
+"""The Stable Diffusion UNet (1.x and XL), in plain PyTorch; the digits model is the same code, smaller.
 
 Module names mirror the diffusers `UNet2DConditionModel` layout (`unet/diffusion_pytorch_model.safetensors`
-of `runwayml/stable-diffusion-v1-5`), so that folder loads with no key map; the original
-single-file layout (`model.diffusion_model.*`) goes through one named map, `ldm_unet_to_diffusers`
-(below, with the diffusers config.json reader and `load_unet`).
+of `runwayml/stable-diffusion-v1-5` and `stabilityai/stable-diffusion-xl-base-1.0`), so those folders load
+with no key map; the original single-file layout (`model.diffusion_model.*`) goes through one named map,
+`ldm_unet_to_diffusers` (below, with the diffusers config.json reader and `load_unet`).
 
-    x (B, C, H, W), t (B,) in 0..999, context (B, L, D)
-    conv_in -> down_blocks [ResNet (+ cross-attention Transformer)] x layers, Downsample
-            -> mid_block  ResNet, Transformer, ResNet
-            -> up_blocks  [concat skip, ResNet (+ Transformer)] x (layers + 1), Upsample
+    x (B, C, H, W), t (B,) in 0..999, context (B, L, D) or, for SDXL, a dict (see UNet2DConditionModel)
+    time embedding (+ SDXL's `text_time` added embedding of pooled text and 6 micro-conditioning ids)
+    conv_in -> down_blocks [ResNet (+ cross-attention Transformer x depth)] x layers, Downsample
+            -> mid_block  ResNet, Transformer x depth, ResNet
+            -> up_blocks  [concat skip, ResNet (+ Transformer x depth)] x (layers + 1), Upsample
             -> GroupNorm, SiLU, conv_out -> eps (B, C, H, W)
+
+SD1.5 and SDXL differ only in config fields: levels and widths, which levels attend, transformer depth
+and head count per level, 1x1-conv or linear proj_in/proj_out, and the added `text_time` embedding.
 """
 
 from __future__ import annotations
@@ -37,11 +41,26 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     cross_attn: tuple[bool, ...] = (True, True, True, False)  # per level: CrossAttn{Down,Up}Block2D or not
     layers_per_block: int = 2
-    num_heads: int = 8  # diffusers calls this `attention_head_dim` in SD1.x configs
+    # heads per level, one int for all (diffusers calls this `attention_head_dim` in SD configs: a misnomer)
+    num_heads: int | tuple[int, ...] = 8
     cross_attention_dim: int = 768
     norm_num_groups: int = 32
     sample_size: int = 64  # latent (or pixel) side the model was trained at
     prediction_type: str = "epsilon"
+    # transformer blocks per attention per level, one int for all [transformer_layers_per_block];
+    # the mid block uses the deepest level's value, the up path the reversed list (as diffusers)
+    transformer_depth: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False  # proj_in / proj_out: 1x1 convs (SD1.x) or linears (SD2, SDXL)
+    # SDXL's added conditioning [addition_embed_type "text_time"]: pooled text (B, P) and time ids (B, n)
+    # with each id through an `addition_time_embed_dim` sinusoid; P + n * dim = projection_input_dim.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int = 256
+    projection_input_dim: int = 2816  # [projection_class_embeddings_input_dim]
+
+    def per_level(self, value) -> tuple[int, ...]:
+        """An int-or-tuple field as one value per level (down order)."""
+        n = len(self.block_out_channels)
+        return (value,) * n if isinstance(value, int) else tuple(value)
 
 
 PRESETS = {
@@ -52,6 +71,14 @@ PRESETS = {
     "digits": UNetConfig(
         in_channels=1, out_channels=1, block_out_channels=(32, 64), cross_attn=(False, True),
         layers_per_block=1, num_heads=4, cross_attention_dim=64, norm_num_groups=8, sample_size=8,
+    ),
+    # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: 3 levels, no attention at the first,
+    # transformer depth (1, 2, 10), heads 5/10/20 of width 64, linear projections, context 2048 = CLIP-L 768
+    # + OpenCLIP bigG 1280, added embedding of pooled bigG text (1280) + 6 time ids x 256. 2,567,463,684 params.
+    "sdxl": UNetConfig(
+        block_out_channels=(320, 640, 1280), cross_attn=(False, True, True), num_heads=(5, 10, 20),
+        cross_attention_dim=2048, sample_size=128, transformer_depth=(1, 2, 10), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_input_dim=2816,
     ),
 }
 
@@ -150,22 +177,33 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """GroupNorm, 1x1 conv in, transformer blocks over the H*W tokens, 1x1 conv out, residual."""
+    """GroupNorm, proj_in, `depth` transformer blocks over the H*W tokens, proj_out, residual.
 
-    def __init__(self, dim: int, context_dim: int, heads: int, groups: int):
+    proj_in / proj_out are 1x1 convs (SD1.x) or, with `linear`, Linear layers on the tokens (SDXL):
+    the same map, with (C, C) instead of (C, C, 1, 1) weights.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, groups: int, depth: int = 1, linear: bool = False):
         super().__init__()
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        self.proj_in = nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, context_dim, heads)])
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_in = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, context_dim, heads) for _ in range(depth)])
+        self.proj_out = nn.Linear(dim, dim) if linear else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context):
         _, _, height, width = x.shape
-        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")  # (B, C, H, W) -> (B, HW, C)
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(rearrange(h, "b c h w -> b (h w) c"))  # (B, C, H, W) -> (B, HW, C)
+        else:
+            h = rearrange(self.proj_in(h), "b c h w -> b (h w) c")  # (B, C, H, W) -> (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
         h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)  # (B, HW, C) -> (B, C, H, W)
-        return self.proj_out(h) + x
+        return (h if self.linear else self.proj_out(h)) + x
 
 
 class Downsample2D(nn.Module):
@@ -199,15 +237,21 @@ class UNetBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """eps-prediction UNet `f(x_t, t, context)` of Stable Diffusion 1.x (and of the digits model).
+    """eps-prediction UNet `f(x_t, t, context)` of Stable Diffusion 1.x / XL (and of the digits model).
 
     Args:
-        x: `(B, in_channels, H, W)` noisy sample x_t (SD: latents already scaled by 0.18215).
+        x: `(B, in_channels, H, W)` noisy sample x_t (SD: latents already scaled by the VAE's scaling factor).
         t: `(B,)` or scalar timestep, integer-valued in 0..999 (float accepted).
         context: `(B, L, cross_attention_dim)` conditioning sequence for cross-attention
-            (SD1.5: CLIP text hidden states, L = 77; digits: 4 class tokens).
+            (SD1.5: CLIP text hidden states, L = 77; digits: 4 class tokens); with
+            `addition_embed_type="text_time"` (SDXL) a dict of
+              encoder_hidden_states (B, L, cross_attention_dim)   the text sequence (CLIP-L | bigG, 2048 wide)
+              text_embeds (B, P)                                  pooled bigG text embedding (P = 1280)
+              time_ids (B, 6)                                     orig (h, w), crop (top, left), target (h, w), pixels
     Returns:
         `(B, out_channels, H, W)`, the predicted noise eps.
+    Raises:
+        ValueError: a context of the wrong kind for the config (a tensor where SDXL needs the dict, or missing keys).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -215,23 +259,28 @@ class UNet2DConditionModel(nn.Module):
         self.cfg = cfg
         self.gradient_checkpointing = False
         ch, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
-        temb, g, heads, ctx = 4 * ch[0], cfg.norm_num_groups, cfg.num_heads, cfg.cross_attention_dim
+        temb, g, ctx = 4 * ch[0], cfg.norm_num_groups, cfg.cross_attention_dim
+        heads, depth = cfg.per_level(cfg.num_heads), cfg.per_level(cfg.transformer_depth)
 
-        def attn(dim):
-            return Transformer2DModel(dim, ctx, heads, g)
+        def attn(dim, level):
+            return Transformer2DModel(dim, ctx, heads[level], g, depth[level], cfg.use_linear_projection)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.addition_embed_type == "text_time":  # SDXL micro-conditioning (diffusers `add_embedding`)
+            self.add_embedding = TimestepEmbedding(cfg.projection_input_dim, temb)
+        elif cfg.addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type {cfg.addition_embed_type!r} is not implemented (supported: None, 'text_time').")
 
         self.down_blocks = nn.ModuleList()
         for i, cout in enumerate(ch):
             cin = ch[max(i - 1, 0)]
             resnets = [ResnetBlock2D(cin if j == 0 else cout, cout, temb, g) for j in range(layers)]
-            attns = [attn(cout) for _ in range(layers)] if cfg.cross_attn[i] else []
+            attns = [attn(cout, i) for _ in range(layers)] if cfg.cross_attn[i] else []
             last = i == n - 1
             self.down_blocks.append(UNetBlock(resnets, attns, None if last else "downsamplers", Downsample2D(cout)))
 
-        self.mid_block = UNetBlock([ResnetBlock2D(ch[-1], ch[-1], temb, g) for _ in range(2)], [attn(ch[-1])])
+        self.mid_block = UNetBlock([ResnetBlock2D(ch[-1], ch[-1], temb, g) for _ in range(2)], [attn(ch[-1], n - 1)])
 
         self.up_blocks = nn.ModuleList()
         rev, rev_attn = ch[::-1], cfg.cross_attn[::-1]
@@ -242,7 +291,7 @@ class UNet2DConditionModel(nn.Module):
                 ResnetBlock2D((prev if j == 0 else cout) + (skip_in if j == layers else cout), cout, temb, g)
                 for j in range(layers + 1)
             ]
-            attns = [attn(cout) for _ in range(layers + 1)] if rev_attn[i] else []
+            attns = [attn(cout, n - 1 - i) for _ in range(layers + 1)] if rev_attn[i] else []
             last = i == n - 1
             self.up_blocks.append(UNetBlock(resnets, attns, None if last else "upsamplers", Upsample2D(cout)))
             prev = cout
@@ -255,10 +304,25 @@ class UNet2DConditionModel(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def added_embedding(self, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """SDXL `text_time`: [pooled text (B, P), sinusoid(each time id) (B, n * dim)] -> (B, 4 * C0)."""
+        dim = self.cfg.addition_time_embed_dim
+        time_embeds = timestep_embedding(time_ids.flatten(), dim).reshape(time_ids.shape[0], -1)  # (B * n, dim) -> (B, n * dim)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds.to(text_embeds.dtype)], dim=-1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))
+        if self.cfg.addition_embed_type == "text_time":
+            need = ("encoder_hidden_states", "text_embeds", "time_ids")
+            if not isinstance(context, dict) or any(k not in context for k in need):
+                got = sorted(context) if isinstance(context, dict) else type(context).__name__
+                raise ValueError(f"this UNet (addition_embed_type 'text_time', SDXL) needs context = dict with {list(need)}; got {got}.")
+            temb = temb + self.added_embedding(context["text_embeds"].to(x.dtype), context["time_ids"])
+            context = context["encoder_hidden_states"]
+        elif isinstance(context, dict):
+            raise ValueError(f"this UNet takes a context tensor (B, L, {self.cfg.cross_attention_dim}), not a dict {sorted(context)}.")
         context = context.to(x.dtype)
 
         h = self.conv_in(x)
@@ -294,13 +358,13 @@ class UNet2DConditionModel(nn.Module):
 
 UNET_PREFIX = "model.diffusion_model."  # the UNet inside an SD single-file checkpoint
 
-# diffusers UNet2DConditionModel settings that SD1.x never changes and our UNet hard-codes. Shapes
+# diffusers UNet2DConditionModel settings that SD1.x / SDXL never change and our UNet hard-codes. Shapes
 # would not reveal most of them (e.g. flip_sin_to_cos), so a config.json that differs is refused.
 UNET_FIXED = dict(
     flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5, downsample_padding=1, center_input_sample=False,
-    mid_block_type="UNetMidBlock2DCrossAttn", mid_block_scale_factor=1, use_linear_projection=False,
-    only_cross_attention=False, dual_cross_attention=False, transformer_layers_per_block=1, num_attention_heads=None,
-    class_embed_type=None, addition_embed_type=None, num_class_embeds=None, encoder_hid_dim=None,
+    mid_block_type="UNetMidBlock2DCrossAttn", mid_block_scale_factor=1, reverse_transformer_layers_per_block=None,
+    only_cross_attention=False, dual_cross_attention=False, num_attention_heads=None,
+    class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
     time_embedding_type="positional", time_cond_proj_dim=None, resnet_time_scale_shift="default",
     conv_in_kernel=3, conv_out_kernel=3, attention_type="default", cross_attention_norm=None, timestep_post_act=None,
     time_embedding_act_fn=None, resnet_skip_time_act=False, resnet_out_scale_factor=1.0, class_embeddings_concat=False,
@@ -316,8 +380,10 @@ def unet_config_from_diffusers(raw: dict) -> UNetConfig:
     """A diffusers `unet/config.json` dict -> UNetConfig (missing entries keep the SD1.5 values).
 
     `attention_head_dim` is the number of heads in SD1.x configs (a diffusers misnomer kept for
-    compatibility), hence `num_heads`. Raises CheckpointError for settings this UNet does not implement
-    (SD2's linear projections, SDXL's added conditioning, per-level head counts, ...).
+    compatibility), hence `num_heads`; per-level lists with one repeated value become that value (so SD1.5's
+    config reads back as the `sd15` preset), others a tuple (SDXL's heads (5, 10, 20), depth (1, 2, 10)).
+    Raises CheckpointError for settings this UNet does not implement (class embeddings, other added
+    embeddings than SDXL's `text_time`, per-level cross-attention widths, ...).
     """
     d = UNetConfig()
     bad = [f"{k}={raw[k]!r} (supported: {v!r})" for k, v in UNET_FIXED.items() if k in raw and _uniform(raw[k]) != v]
@@ -328,16 +394,29 @@ def unet_config_from_diffusers(raw: dict) -> UNetConfig:
         bad.append(f"down_block_types={down}, up_block_types={raw.get('up_block_types')} (supported: "
                    "CrossAttnDownBlock2D / DownBlock2D and the mirrored up blocks)")
     heads, ctx = _uniform(raw.get("attention_head_dim", d.num_heads)), _uniform(raw.get("cross_attention_dim", d.cross_attention_dim))
-    if isinstance(heads, list) or isinstance(ctx, list):
-        bad.append(f"attention_head_dim={heads}, cross_attention_dim={ctx} (supported: one value for all levels)")
+    depth = _uniform(raw.get("transformer_layers_per_block", d.transformer_depth))
+    if isinstance(ctx, list) or any(isinstance(v, list) and any(isinstance(e, list) for e in v) for v in (heads, depth)):
+        bad.append(f"cross_attention_dim={ctx}, transformer_layers_per_block={depth} (supported: one cross_attention_dim, "
+                   "one depth per level)")
+    added = raw.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        bad.append(f"addition_embed_type={added!r} (supported: None, 'text_time')")
     if bad:
         raise CheckpointError("this UNet config.json describes an architecture npo_min does not implement:\n    " + "\n    ".join(bad))
     return UNetConfig(
         in_channels=raw.get("in_channels", d.in_channels), out_channels=raw.get("out_channels", d.out_channels),
         block_out_channels=tuple(raw.get("block_out_channels", d.block_out_channels)), cross_attn=cross,
-        layers_per_block=raw.get("layers_per_block", d.layers_per_block), num_heads=heads, cross_attention_dim=ctx,
+        layers_per_block=raw.get("layers_per_block", d.layers_per_block), num_heads=_tuple(heads), cross_attention_dim=ctx,
         norm_num_groups=raw.get("norm_num_groups", d.norm_num_groups), sample_size=raw.get("sample_size", d.sample_size),
+        transformer_depth=_tuple(depth), use_linear_projection=bool(raw.get("use_linear_projection", False)),
+        addition_embed_type=added,
+        addition_time_embed_dim=(raw.get("addition_time_embed_dim") or d.addition_time_embed_dim) if added else d.addition_time_embed_dim,
+        projection_input_dim=(raw.get("projection_class_embeddings_input_dim") or d.projection_input_dim) if added else d.projection_input_dim,
     )
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _read_json(path: Path) -> dict | None:
@@ -361,11 +440,15 @@ def ldm_unet_prefixes(cfg: UNetConfig) -> list[tuple[str, str]]:
       output_blocks.{i}.0 / .1          up_blocks.{l}.resnets.{j} / .attentions.{j}, i = l (L + 1) + j
       output_blocks.{i}.{1 or 2}.conv   up_blocks.{l}.upsamplers.0.conv (j = L; index 2 after an attention)
       time_embed.{0,2}, out.{0,2}       time_embedding.linear_{1,2}, conv_norm_out, conv_out
-    Transformer (SpatialTransformer) internals have the same names in both layouts.
+      label_emb.0.{0,2}                 add_embedding.linear_{1,2} (SDXL's `text_time` embedding)
+    Transformer (SpatialTransformer) internals have the same names in both layouts (SDXL's linear
+    proj_in / proj_out too).
     """
     n, L = len(cfg.block_out_channels), cfg.layers_per_block
     pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
              ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    if cfg.addition_embed_type == "text_time":
+        pairs += [("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
     i = 1
     for level, attn in enumerate(cfg.cross_attn):
         for j in range(L):
@@ -394,7 +477,7 @@ def ldm_unet_to_diffusers(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[
     """Rename an LDM-layout UNet state dict (`model.diffusion_model.` already removed) to diffusers names.
 
     Rules from `ldm_unet_prefixes(cfg)` plus the ResBlock renames in LDM_RESNET. Tensors are passed
-    through untouched (SD1.x `proj_in/proj_out` are 1x1 convs in both layouts). A key no rule knows
+    through untouched (`proj_in/proj_out` are 1x1 convs in both SD1.x layouts, linears in both SDXL ones). A key no rule knows
     keeps its name, so a strict load then reports it by name.
     """
     pairs = sorted(ldm_unet_prefixes(cfg), key=lambda p: -len(p[0]))  # longest first: `...0.op.` before `...0.`
@@ -441,7 +524,7 @@ def load_unet(path: str | os.PathLike, preset: str | UNetConfig = "sd15", dtype:
     Args:
         path: an SD single file, a diffusers pipeline folder or its `unet/` folder (maybe sharded), or a
             UNet-only `.safetensors` / `.ckpt` in diffusers or LDM names.
-        preset: a PRESETS name ("sd15", "digits") or a UNetConfig.
+        preset: a PRESETS name ("sd15", "sdxl", "digits") or a UNetConfig.
         dtype: float32, float16 or bfloat16.
     Raises:
         CheckpointError: missing path; missing / unexpected keys or wrong shapes (listed by name); a

@@ -73,14 +73,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
 
 
 def unet_kwargs(cfg: UNetConfig) -> dict:
-    """diffusers UNet2DConditionModel(**kwargs) of the same architecture (SD1.x: heads = attention_head_dim)."""
+    """diffusers UNet2DConditionModel(**kwargs) of the same architecture (SD1.x / SDXL: heads = attention_head_dim)."""
     return dict(
         sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attn)),
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.num_heads, cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
-    )
+        transformer_layers_per_block=cfg.transformer_depth, use_linear_projection=cfg.use_linear_projection,
+    ) | (dict(addition_embed_type=cfg.addition_embed_type, addition_time_embed_dim=cfg.addition_time_embed_dim,
+              projection_class_embeddings_input_dim=cfg.projection_input_dim) if cfg.addition_embed_type else {})
 
 
 def vae_kwargs(cfg: VAEConfig) -> dict:

@@ -1,5 +1,6 @@
 """npo_min.unet against diffusers' UNet2DConditionModel (test-only oracle); the single-file key map;
-strict loading. Measured max abs error vs diffusers in float32 on this CPU: 0.0 for both configs."""
+strict loading. Measured max abs error vs diffusers in float32 on this CPU: 0.0 for the SD1.5 and digits
+layouts; below 1e-5 for the SDXL layout (its added embedding sums in another order)."""
 
 import json
 
@@ -20,7 +21,20 @@ CONFIGS = {
     # The digits layout: 2 levels, attention only on the second, 1 resnet per level, 1 channel, 4 heads.
     "digits_layout": UNetConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32), cross_attn=(False, True),
                                 layers_per_block=1, num_heads=4, cross_attention_dim=16, norm_num_groups=8),
+    # The SDXL block structure: 3 levels, no attention at the first, heads and transformer depth per level,
+    # linear proj_in / proj_out, the text_time added embedding (pooled 16 + 6 time ids x 8 = 64 inputs).
+    "sdxl_layout": UNetConfig(block_out_channels=(16, 32, 64), cross_attn=(False, True, True), num_heads=(1, 2, 4),
+                              cross_attention_dim=24, norm_num_groups=8, transformer_depth=(1, 2, 3),
+                              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                              projection_input_dim=16 + 6 * 8),
 }
+
+
+def sdxl_context(batch: int, g: torch.Generator, length: int = 7) -> dict:
+    """A random SDXL-style context for the sdxl_layout: text states, pooled text, 6 time ids in pixels."""
+    return dict(encoder_hidden_states=torch.randn(batch, length, 24, generator=g), text_embeds=torch.randn(batch, 16, generator=g),
+                time_ids=torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 64.0, 0.0, 896.0, 1152.0],
+                                       [256.0, 1024.0, 3.0, 5.0, 256.0, 1024.0]][:batch]))
 
 
 def pair(name: str, seed: int = 0):
@@ -83,20 +97,68 @@ def test_gradient_checkpointing_same_outputs_and_grads():
     assert max(maxerr(g0[k], g1[k]) for k in g0) <= 1e-6
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 9, 13), (2, 4, 16, 8)])
+def test_sdxl_layout_matches_diffusers(shape):
+    """Depth and heads per level, linear projections and the text_time embedding, non-square, batch > 1."""
+    ref, ours = pair("sdxl_layout")
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(shape, generator=g), sdxl_context(shape[0], g)
+    t = torch.tensor([0, 999, 431][: shape[0]])
+    added = {k: ctx[k] for k in ("text_embeds", "time_ids")}
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=ctx["encoder_hidden_states"], added_cond_kwargs=added).sample
+        got = ours(x, t, ctx)
+    err = maxerr(got, expected)
+    print(f"sdxl_layout {shape}: max abs err {err:.3g} (output scale {expected.abs().max():.3g})")
+    assert got.shape == expected.shape == shape and err <= TOL
+
+
+def test_sdxl_added_conditioning_matters_and_is_checked():
+    """Dropping or reordering the time ids or the pooled embedding changes the output; a bare tensor is refused."""
+    _, ours = pair("sdxl_layout")
+    g = torch.Generator().manual_seed(4)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), sdxl_context(2, g)
+    t = torch.tensor([100, 600])
+    with torch.no_grad():
+        out = ours(x, t, ctx)
+        for name, changed in [("time ids reordered", ctx["time_ids"][:, [1, 0, 3, 2, 5, 4]]), ("time ids zero", 0 * ctx["time_ids"]),
+                              ("time ids swapped between samples", ctx["time_ids"].flip(0))]:
+            assert maxerr(ours(x, t, {**ctx, "time_ids": changed}), out) > 1e-3, name
+        for name, changed in [("pooled zero", 0 * ctx["text_embeds"]), ("pooled swapped", ctx["text_embeds"].flip(0))]:
+            assert maxerr(ours(x, t, {**ctx, "text_embeds": changed}), out) > 1e-3, name
+    with pytest.raises(ValueError, match="needs context = dict"):
+        ours(x, t, ctx["encoder_hidden_states"])
+    with pytest.raises(ValueError, match="needs context = dict"):
+        ours(x, t, {k: v for k, v in ctx.items() if k != "time_ids"})
+    _, sd15 = pair("sd15_layout")
+    with pytest.raises(ValueError, match="not a dict"):
+        sd15(torch.zeros(1, 4, 8, 8), torch.tensor([1]), ctx)
+
+
+def test_sdxl_preset_matches_diffusers_layout_and_size():
+    cfg = PRESETS["sdxl"]
+    with torch.device("meta"):
+        ours, ref = UNet2DConditionModel(cfg), diffusers.UNet2DConditionModel(**unet_kwargs(cfg))
+    n_ours, n_ref = (sum(p.numel() for p in m.parameters()) for m in (ours, ref))
+    assert n_ours == n_ref == 2_567_463_684
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert unet_config_from_diffusers(json.loads(ref.to_json_string())) == cfg
+
+
 # ----------------------------------------------------------------------------- single-file (LDM) key map
 
 
-@pytest.mark.parametrize("name", ["sd15_layout", "digits_layout", "sd15"])
+@pytest.mark.parametrize("name", ["sd15_layout", "digits_layout", "sd15", "sdxl_layout", "sdxl"])
 def test_ldm_key_map_matches_diffusers_converter(name):
     """Same keys and the very same tensors as diffusers' convert_ldm_unet_checkpoint."""
-    cfg = PRESETS["sd15"] if name == "sd15" else CONFIGS[name]
+    cfg = PRESETS[name] if name in PRESETS else CONFIGS[name]
     with torch.device("meta"):
         names = list(UNet2DConditionModel(cfg).state_dict())
     ldm = diffusers_unet_to_ldm({k: torch.zeros(1) for k in names}, cfg)  # distinct tensor objects
     assert len(set(ldm)) == len(names) and not any(k.startswith(("down_blocks", "up_blocks", "mid_block")) for k in ldm)
     ours = ldm_unet_to_diffusers(ldm, cfg)
     theirs = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in ldm.items()},
-                                         {"layers_per_block": cfg.layers_per_block})
+                                         {"layers_per_block": cfg.layers_per_block, "addition_embed_type": cfg.addition_embed_type})
     assert sorted(ours) == sorted(theirs) == sorted(names)
     assert all(ours[k] is theirs[k] for k in theirs)
 
@@ -121,6 +183,24 @@ def test_ldm_key_map_known_sd15_names():
     }
     got = ldm_unet_to_diffusers({k: torch.zeros(1) for k in known}, PRESETS["sd15"])
     assert sorted(got) == sorted(known.values())
+
+
+def test_ldm_key_map_known_sdxl_names():
+    """A few names as they appear in sd_xl_base_1.0.safetensors and its diffusers unet/."""
+    known = {
+        "label_emb.0.0.weight": "add_embedding.linear_1.weight",
+        "label_emb.0.2.bias": "add_embedding.linear_2.bias",
+        "input_blocks.3.0.op.weight": "down_blocks.0.downsamplers.0.conv.weight",
+        "input_blocks.4.1.proj_in.weight": "down_blocks.1.attentions.0.proj_in.weight",
+        "input_blocks.5.1.transformer_blocks.1.attn2.to_k.weight": "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k.weight",
+        "input_blocks.8.1.transformer_blocks.9.ff.net.2.bias": "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2.bias",
+        "middle_block.1.transformer_blocks.9.norm3.weight": "mid_block.attentions.0.transformer_blocks.9.norm3.weight",
+        "output_blocks.2.2.conv.weight": "up_blocks.0.upsamplers.0.conv.weight",
+        "output_blocks.5.2.conv.bias": "up_blocks.1.upsamplers.0.conv.bias",
+        "output_blocks.8.0.skip_connection.weight": "up_blocks.2.resnets.2.conv_shortcut.weight",
+    }
+    got = ldm_unet_to_diffusers({k: torch.zeros(1) for k in known}, PRESETS["sdxl"])
+    assert got.keys() == {v: 0 for v in known.values()}.keys() and sorted(got) == sorted(known.values())
 
 
 # ----------------------------------------------------------------------------- loading
@@ -169,10 +249,14 @@ def test_load_unet_config_errors(tmp_path):
     with pytest.raises(CheckpointError, match="num_heads: config.json 4 vs preset 2"):
         load_unet(tmp_path / "unet", heads)
     raw = json.loads((tmp_path / "unet" / "config.json").read_text())
-    (tmp_path / "unet" / "config.json").write_text(json.dumps({**raw, "use_linear_projection": True, "freq_shift": 1}))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**raw, "class_embed_type": "timestep", "freq_shift": 1,
+                                                                "addition_embed_type": "text_image"}))
     with pytest.raises(CheckpointError, match="does not implement") as err:
         load_unet(tmp_path / "unet", CONFIGS["digits_layout"])
-    assert "use_linear_projection=True" in str(err.value) and "freq_shift=1" in str(err.value)
+    assert all(s in str(err.value) for s in ("class_embed_type='timestep'", "freq_shift=1", "addition_embed_type='text_image'"))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**raw, "use_linear_projection": True}))
+    with pytest.raises(CheckpointError, match="use_linear_projection: config.json True vs preset False"):
+        load_unet(tmp_path / "unet", CONFIGS["digits_layout"])
     with pytest.raises(ValueError, match="unknown UNet preset"):
         load_unet(tmp_path / "unet", "sd21")
     with pytest.raises(CheckpointError, match="not found"):
