@@ -27,6 +27,7 @@ import torch
 
 from npo_min import training
 from npo_min.checkpoint import CheckpointError, atomic_write, check_writable, fingerprint, save_safetensors
+from npo_min.lora import LORA_FILE, add_lora, parse_targets, save_lora
 from npo_min.offsets import save_delta
 from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
 from npo_min.schedule import NoiseSchedule
@@ -63,6 +64,13 @@ def parse_args(argv=None):
     g.add_argument("--loss", default="huber", choices=["huber", "l2"], help="pseudo-Huber or L2 on x0 (default: huber)")
     g.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default: 0.001)")
     g.add_argument("--cond-drop", type=float, default=0.0, help="probability the student is trained on c' instead of c (default: 0)")
+    lo = p.add_argument_group("LoRA training mode (npo_min/lora.py; the saved file is the LoRA, pytorch_lora_weights.safetensors)")
+    lo.add_argument("--lora-rank", type=int, default=None,
+                    help="train a LoRA of this rank instead of every weight; 0 = full fine-tuning "
+                         "(default: 0 for self-npo, the MODELS recipe's rank for the Diffusion-NPO trainers)")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: = rank)")
+    lo.add_argument("--lora-targets", default=None,
+                    help="comma-separated module names (PEFT target_modules rule) (default: to_q,to_k,to_v,to_out.0)")
     o = p.add_argument_group("optimisation (unset = the per-model default listed below)")
     o.add_argument("--steps", type=int, default=None, help="optimizer steps")
     o.add_argument("--batch-size", type=int, default=None, help="batch per micro-step")
@@ -103,6 +111,12 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
         p.error(f"--num-frames {args.num_frames} is not 4k + 1 (e.g. 9, 13, 49): the video VAE compresses time by 4.")
+    if args.lora_rank is None:
+        args.lora_rank = 0
+    if args.lora_rank < 0 or (args.lora_rank and args.method == "pretrain"):
+        p.error(f"--lora-rank must be >= 0 and does not apply to --method pretrain (got {args.lora_rank}).")
+    if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_targets is not None):
+        p.error("--lora-alpha / --lora-targets need --lora-rank > 0.")
     return args
 
 
@@ -112,6 +126,32 @@ def parse_resolution(value) -> int | tuple[int, int]:
     if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"--resolution must be N or HxW in pixels (e.g. 512, 480x720); got {value!r}.")
     return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def output_file(args) -> str:
+    """The trained weights' file name under --out: the model, the LoRA or the delta."""
+    if args.method == "pretrain":
+        return "model.safetensors"
+    return LORA_FILE if args.lora_rank else "delta.safetensors"
+
+
+def trainable(unet, args) -> dict:
+    """Make `unet` trainable as args say (all weights, or a LoRA on --lora-targets); returns the base state dict."""
+    unet.requires_grad_(True).gradient_checkpointing = args.gradient_checkpointing
+    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    if args.lora_rank:
+        layers = add_lora(unet, args.lora_rank, args.lora_alpha, parse_targets(args.lora_targets))
+        print(f"LoRA rank {args.lora_rank} on {len(layers)} layers "
+              f"({sum(p.numel() for p in unet.parameters() if p.requires_grad)} trainable parameters)")
+    return base
+
+
+def save_offset(unet, base: dict, args, out: Path, meta: dict) -> Path:
+    """Write what was trained: the LoRA (with its rank / alpha / targets) or delta = trained - base."""
+    path = out / output_file(args)
+    if args.lora_rank:
+        return save_lora(unet, base, path, meta, overwrite=args.overwrite)
+    return save_delta(unet.state_dict(), base, path, meta, overwrite=args.overwrite)
 
 
 def write_log(log: list[dict], path: Path) -> None:
@@ -157,8 +197,7 @@ def run_self_npo(args, out: Path) -> None:
     prediction_type = pipe.prediction_type
     pipe.release_text_encoder()
     del pipe  # the frozen encoders / VAE are not needed any more: the batches hold what they encoded
-    unet.requires_grad_(True).gradient_checkpointing = args.gradient_checkpointing
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    base = trainable(unet, args)
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
     start = time.time()
     log = training.self_npo(unet, batches, null, schedule, cfg, args.steps, args.lr, args.weight_decay,
@@ -170,7 +209,7 @@ def run_self_npo(args, out: Path) -> None:
             "cond_drop": cfg.cond_drop, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "train_seconds": f"{seconds:.1f}",
             "command": " ".join(sys.argv)}
-    delta_file = save_delta(unet.state_dict(), base, out / "delta.safetensors", meta, overwrite=args.overwrite)
+    delta_file = save_offset(unet, base, args, out, meta)
     write_log(log, out / "loss.csv")
     print(f"wrote {delta_file}: K={cfg.k}, {args.steps} steps in {seconds:.0f} s "
           f"({seconds / args.steps:.2f} s/step), final loss {log[-1]['loss']:.4g}")
@@ -179,7 +218,7 @@ def run_self_npo(args, out: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    main_file = "model.safetensors" if args.method == "pretrain" else "delta.safetensors"
+    main_file = output_file(args)
     extra = ["config.json"] if args.method == "pretrain" else []
     for name in [main_file, "loss.csv", "args.json", *extra]:  # every output, before any work
         check_writable(out / name, args.overwrite)

@@ -6,9 +6,11 @@ model family alike (so `--neg-ckpt` and `--pos-ckpt` accept the same things ever
 
   - our `delta.safetensors` (or its folder): trained - base, with FORMAT and the base model's
     fingerprint in the metadata; the fingerprint must match the loaded base;
-  - a LoRA `.safetensors` / `.bin` (or a folder holding `pytorch_lora_weights.safetensors`) in PEFT,
-    diffusers, attention-processor or kohya-ss names: delta[layer.weight] = (alpha / r) B @ A. The
-    authors' released `sd15_beta500_2kiter.safetensors` is in diffusers names, without alpha;
+  - a LoRA `.safetensors` / `.bin` (or a folder holding `pytorch_lora_weights.safetensors`, or PEFT's
+    `adapter_model.safetensors` + `adapter_config.json`) in PEFT, diffusers, attention-processor or
+    kohya-ss names: delta[layer.weight] = (alpha / r) B @ A, alpha per layer from PEFT's alpha_pattern.
+    The authors' released `sd15_beta500_2kiter.safetensors` is in diffusers names, without alpha; the
+    LoRAs train.py writes (npo_min/lora.py) carry the base's fingerprint, checked like a delta's;
   - a full fine-tuned denoiser in the family's own layout (e.g. a Diffusion-DPO UNet for --pos-ckpt):
     weights - base. The family passes its reader `read_weights(path) -> state dict` (its key map),
     so this module imports no model family.
@@ -27,6 +29,7 @@ import torch
 from .checkpoint import CheckpointError, checkpoint_keys, fingerprint, load_state_dict, read_metadata, save_safetensors
 
 FORMAT = "npo_min.delta.v1"  # metadata["format"] of the delta files this project writes
+LORA_FORMAT = "npo_min.lora.v1"  # ... and of its LoRA files (npo_min/lora.py), also checked by fingerprint
 Offset = dict[str, torch.Tensor]
 
 
@@ -87,15 +90,21 @@ def read_delta(path: str | os.PathLike, base: Offset, check_fingerprint: bool = 
     delta = load_state_dict(path)
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     check_offset(delta, base, str(path))
+    if check_fingerprint:
+        _check_fingerprint(meta, base, path)
+    return {k: v.float() for k, v in delta.items()}, meta
+
+
+def _check_fingerprint(meta: dict, base: Offset, path) -> None:
+    """Refuse an offset whose metadata names another base (CheckpointError); no fingerprint = nothing to check."""
     want = meta.get("base_fingerprint")
-    if check_fingerprint and want is not None:
+    if want is not None:
         have = fingerprint(base)
         if want != have:
             raise CheckpointError(
                 f"{path} was made for base model {meta.get('base', '?')} with fingerprint {want}, but the loaded base "
                 f"has fingerprint {have}. Load the base it was trained from (or pass --ignore-fingerprint if you know "
                 "the bases are equivalent).")
-    return {k: v.float() for k, v in delta.items()}, meta
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -110,25 +119,42 @@ LORA_FORMS = [
 ]
 
 
-def _metadata_alpha(meta: dict) -> float | None:
-    """lora_alpha from the `lora_adapter_metadata` that recent diffusers write into a LoRA's header."""
-    raw = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    raw = {k.removeprefix("unet."): v for k, v in raw.items()}
+def lora_config(meta: dict) -> dict:
+    """The scale fields of a LoRA's PEFT config as lora_to_delta's arguments {alpha, alpha_pattern, rank_pattern} (None if absent).
+
+    `meta` is a safetensors header (its `lora_adapter_metadata`, JSON, keys maybe prefixed `unet.` as diffusers'
+    `save_lora_weights` writes them) or a PEFT `adapter_config.json` dict.
+    Raises CheckpointError: DoRA / rsLoRA (their scale is not alpha / r).
+    """
+    raw = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else dict(meta)
+    raw = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in raw.items()}
     if raw.get("use_dora") or raw.get("use_rslora"):
         raise CheckpointError("DoRA / rsLoRA adapters are not supported: fuse them into a full model first.")
-    return raw.get("lora_alpha")
+    return {"alpha": raw.get("lora_alpha"), "alpha_pattern": raw.get("alpha_pattern"), "rank_pattern": raw.get("rank_pattern")}
 
 
-def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None) -> Offset:
+def _pattern_value(pattern: dict, layer: str):
+    """PEFT's get_pattern_key rule: a pattern key matches a layer name equal to it or ending in "." + it (regex)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key.removeprefix('unet.')})$", layer):
+            return value
+    return None
+
+
+def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None, alpha_pattern: dict | None = None,
+                  rank_pattern: dict | None = None) -> Offset:
     """A LoRA -> weight offsets `delta[layer.weight] = scale * up @ down` (float32, base's shapes).
 
     down (A): `(r, in)` or conv `(r, in, kh, kw)`; up (B): `(out, r)` or `(out, r, 1, 1)`; the product
-    `(out, in * kh * kw)` is reshaped to the layer's weight. scale = alpha / r with a stored `.alpha`
-    (else the `alpha` argument, from the file's metadata), or 1 without any alpha (the diffusers/PEFT
-    convention lora_alpha = r, which the authors' NPO LoRA uses). Keys name layers in any LORA_FORMS.
+    `(out, in * kh * kw)` is reshaped to the layer's weight. scale = alpha / r, r = the layer's rank, with
+    alpha: a stored `.alpha` tensor, else the layer's entry in `alpha_pattern` (PEFT's per-layer alphas,
+    pattern keys matched as PEFT does), else the `alpha` argument (lora_alpha from the file's metadata),
+    else none: scale 1 (the diffusers/PEFT convention lora_alpha = r, which the authors' NPO LoRA uses).
+    `rank_pattern` (PEFT's per-layer ranks) is checked against the tensors' ranks. Keys name layers in any
+    LORA_FORMS.
 
     Raises CheckpointError: a key names no layer of `base`, a text-encoder or DoRA LoRA, a layer with only
-    one of down / up, or a product whose size differs from the layer's weight.
+    one of down / up, a rank that contradicts rank_pattern, or a product whose size differs from the layer's weight.
     """
     layers = {k[: -len(".weight")] for k in base if k.endswith(".weight")}
     underscored = {name.replace(".", "_"): name for name in layers}  # kohya-ss writes module paths with `_`
@@ -155,7 +181,11 @@ def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None) -> Off
         if "down" not in p or "up" not in p:
             raise CheckpointError(f"LoRA layer {layer} has {sorted(p)}, but needs both down (A) and up (B).")
         down, up, weight = p["down"].float(), p["up"].float(), base[layer + ".weight"]
-        a = p["alpha"].item() if "alpha" in p else alpha
+        declared = _pattern_value(rank_pattern, layer)
+        if declared is not None and int(declared) != down.shape[0]:
+            raise CheckpointError(f"LoRA layer {layer}: rank_pattern says rank {declared} but its down (A) has rank {down.shape[0]}.")
+        layer_alpha = _pattern_value(alpha_pattern, layer)
+        a = p["alpha"].item() if "alpha" in p else (layer_alpha if layer_alpha is not None else alpha)
         scale = 1.0 if a is None else a / down.shape[0]
         product = scale * (up.flatten(1) @ down.flatten(1))  # (out, r) @ (r, in * kh * kw)
         if product.numel() != weight.numel():
@@ -185,8 +215,11 @@ def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[P
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"offset checkpoint not found: {path}. Pass a delta.safetensors, a LoRA or a fine-tuned model.")
+    adapter_config = {}
     if path.is_dir():
-        for name in ("delta.safetensors", "pytorch_lora_weights.safetensors"):
+        if (path / "adapter_config.json").is_file():  # PEFT's save_pretrained folder
+            adapter_config = json.loads((path / "adapter_config.json").read_text())
+        for name in ("delta.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
             if (path / name).is_file():
                 path = path / name
                 break
@@ -195,7 +228,9 @@ def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[P
         if meta.get("format") == FORMAT:
             return read_delta(path, base, check_fingerprint)[0]
         if any("lora" in k for k in checkpoint_keys(path)):
-            return lora_to_delta(load_state_dict(path), base, _metadata_alpha(meta))
+            if meta.get("format") == LORA_FORMAT and check_fingerprint:
+                _check_fingerprint(meta, base, path)
+            return lora_to_delta(load_state_dict(path), base, **lora_config(adapter_config or meta))
     names = checkpoint_keys(path) if path.is_file() else []
     if names and set(names) & set(base):  # already in module names: a full model or a bare offset
         sd = load_state_dict(path)
