@@ -20,13 +20,12 @@ Prompts are encoded before sampling, then the text encoder is released (T5-XXL: 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from npo_min.checkpoint import CheckpointError, atomic_write, check_writable
+from npo_min import cli
 from npo_min.guidance import compose_negative, guided_denoiser, negative_model
 from npo_min.images import labelled_grid, save_gif, save_png, to_pil, to_pil_frames
 from npo_min.offsets import load_offset
@@ -34,6 +33,7 @@ from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
 from npo_min.prompts import read_prompts
 from npo_min.solvers import SOLVERS, sample
 
+SCRIPT = "sample.py"
 GRID_ROWS = 16  # grid.png shows the first rows only: 500 rows of 512 px would be an unusable image
 GRID_FRAMES = 5  # video models: frames per clip shown in grid.png (evenly spaced, first and last included)
 FPS = 8  # CogVideoX's frame rate (diffusers export_to_video(fps=8) in its examples)
@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/samples", help="output folder (default: out/samples)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--ignore-fingerprint", action="store_true", help="apply a delta made for another base checkpoint")
+    p.add_argument("--trust-delta", action="store_true",
+                   help="apply an offset file without our metadata (its base cannot be checked) as delta")
     p.add_argument("--config", default=None, help="architecture preset of the family (default: the checkpoint's own / the full model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file weights (vocab.json, merges.txt)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (default: fp32)")
@@ -83,6 +85,15 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(args, key)}).")
     if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
         p.error(f"--num-frames {args.num_frames} is not 4k + 1 (e.g. 9, 13, 49): the video VAE compresses time by 4.")
+    if args.weights is None:
+        raise ValueError(f"--model {args.model} needs --weights PATH: its base checkpoint (a single .safetensors / "
+                         ".ckpt file or a diffusers folder; weights/README.md says where to get it).")
+    cli.check_finite_flags(args, ["alpha", "beta", "guidance_scale"])
+    for key in ("height", "width"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key} must be >= 1 pixel (got {getattr(args, key)}).")
+    if args.prompts is not None and args.num_per_class != p.get_default("num_per_class"):
+        raise ValueError("--num-per-class does not apply with --prompts: each prompt is drawn once.")
     return args
 
 
@@ -105,14 +116,13 @@ def main(argv=None) -> list[Path]:
     pipe.noise_shape(args.height, args.width, **frames)  # refuses an impossible size before any work
     out, ext = Path(args.out), "gif" if pipe.video else "png"
     names = [f"{kind}/{i:04d}.{ext}" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
-    files = [check_writable(out / name, args.overwrite) for name in names]
-    check_writable(out / "args.json", args.overwrite)
+    files = cli.check_out([out / name for name in names] + [out / "args.json"], args.overwrite, SCRIPT)[:-1]
 
     # theta_pos = theta + eta on c; theta_neg = theta + alpha eta + beta delta on c' (Eq. 10), composed in float32
     base = pipe.denoiser.state_dict()
     check = not args.ignore_fingerprint
-    eta = load_offset(args.pos_ckpt, base, pipe.read_weights, check) if args.pos_ckpt else None
-    delta = load_offset(args.neg_ckpt, base, pipe.read_weights, check) if args.neg_ckpt else None
+    eta = load_offset(args.pos_ckpt, base, pipe.read_weights, check, args.trust_delta) if args.pos_ckpt else None
+    delta = load_offset(args.neg_ckpt, base, pipe.read_weights, check, args.trust_delta) if args.neg_ckpt else None
     neg = negative_model(pipe.denoiser, base, delta, eta, args.alpha, args.beta)  # a copy
     if eta is not None:
         pipe.denoiser.load_state_dict(compose_negative(base, eta=eta))
@@ -151,7 +161,7 @@ def main(argv=None) -> list[Path]:
     title = (f"{args.model}: {args.solver} {args.steps} steps, seed {args.seed}+i"
              + (f", neg {Path(args.neg_ckpt).name}" if args.neg_ckpt else "") + (f", pos {Path(args.pos_ckpt).name}" if args.pos_ckpt else ""))
     save_png(labelled_grid(blocks, labels, title), out / "grid.png")
-    atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))
+    cli.write_args(out / "args.json", args, SCRIPT)
     print(f"wrote {2 * len(prompts)} {'clips' if pipe.video else 'images'} under {out}/base and {out}/npo, and {out / 'grid.png'} "
           f"(left plain CFG, right NPO, guidance scale {args.guidance_scale:g}, beta {args.beta:g}; same noise per position)")
     return files
@@ -162,7 +172,4 @@ def _rows(images: list, per_row: int) -> list[list]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main)

@@ -25,14 +25,16 @@ from pathlib import Path
 
 import torch
 
-from npo_min import training
-from npo_min.checkpoint import CheckpointError, atomic_write, check_writable, fingerprint, save_safetensors
+from npo_min import cli, training
+from npo_min.checkpoint import atomic_write, fingerprint, save_safetensors
+from npo_min.data import clip_caption_pairs, image_caption_pairs
 from npo_min.lora import LORA_FILE, add_lora, parse_targets, save_lora
 from npo_min.offsets import save_delta
 from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
 from npo_min.schedule import NoiseSchedule
 from npo_min.self_npo import SelfNPOConfig
 
+SCRIPT, RESUME = "train.py", "resume.pt"
 PER_MODEL = {"steps": None, "batch_size": None, "grad_accum": 1, "lr": None, "weight_decay": 1e-3,  # flag: fallback
              "resolution": "512", "num_frames": None}
 
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     o.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     o.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    o.add_argument("--save-every", type=int, default=100, help="write --out/resume.pt every N steps; 0 = never (default: 100)")
+    o.add_argument("--resume", action="store_true", help="continue the killed run in --out from its resume.pt (same flags)")
     m = p.add_argument_group("model loading and memory")
     m.add_argument("--config", default=None, help="architecture preset of the family (default: the checkpoint's own / the full model)")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file weights (vocab.json, merges.txt)")
@@ -94,6 +98,9 @@ def parse_args(argv=None):
     if args.method == "pretrain" and spec.pretrain is None:
         p.error(f"--method pretrain is for the small models ({', '.join(n for n, s in MODELS.items() if s.pretrain)}); "
                 f"{args.model} checkpoints come pretrained.")
+    if args.method == "pretrain":  # before the defaults below fill the unset flags
+        cli.refuse_changed(args, {d: p.get_default(d) for d in SELF_NPO_ONLY},
+                           "they set the Self-NPO run, not --method pretrain (its recipe is fixed).")
     defaults = spec.pretrain if args.method == "pretrain" else spec.train
     for key, fallback in PER_MODEL.items():
         if getattr(args, key) is None:
@@ -126,6 +133,36 @@ def parse_resolution(value) -> int | tuple[int, int]:
     if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"--resolution must be N or HxW in pixels (e.g. 512, 480x720); got {value!r}.")
     return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+RUN_CONTROL = {"steps", "resume", "overwrite", "no_progress", "save_every", "device"}  # may change on --resume
+
+
+def check_args(args) -> None:
+    """Refuse flag values that have no meaning (NaN, a Huber c <= 0, ...) and flags that do not apply to the
+    chosen model or method, before any work. Raises ValueError naming the flag."""
+    cli.check_finite_flags(args, ["rollout_w", "ema", "huber_c", "cond_drop", "lr", "weight_decay", "grad_clip", "lora_alpha"])
+    cli.check_range(args, "huber_c", 0, low_open=True)
+    cli.check_range(args, "ema", 0, 1)
+    cli.check_range(args, "cond_drop", 0, 1)
+    cli.check_range(args, "grad_clip", 0, low_open=True)
+    cli.check_range(args, "weight_decay", 0)
+    cli.check_range(args, "save_every", 0)
+    spec = MODELS[args.model]
+    if args.method == "self-npo" and args.weights is None:
+        raise ValueError(f"--model {args.model} needs --weights PATH: its base checkpoint (a single .safetensors / "
+                         ".ckpt file or a diffusers folder; weights/README.md says where to get it).")
+    if spec.pretrain is not None:  # the small models train on their vendored data at their own size
+        cli.refuse_changed(args, {"data": None, "resolution": 512, "tokenizer": None},
+                           f"--model {args.model} trains on its vendored data at its own size.")
+    if args.data is not None:  # a missing folder / captions are refused before the weights load
+        video = "num_frames" in spec.train  # the video families train on clips
+        (clip_caption_pairs if video else image_caption_pairs)(args.data)
+
+
+# flags that set the Self-NPO run only: refused with --method pretrain (its recipe is fixed, see training.pretrain)
+SELF_NPO_ONLY = ("weights", "k", "num_grid", "rollout_w", "ema", "start", "renoise", "loss", "huber_c", "cond_drop",
+                 "grad_accum", "weight_decay", "grad_clip", "dtype", "gradient_checkpointing", "config", "resume")
 
 
 def output_file(args) -> str:
@@ -182,6 +219,23 @@ def run_pretrain(args, out: Path) -> None:
     print(f"wrote {model_file} ({args.steps} steps, {seconds:.0f} s, final loss {log[-1]['loss']:.4f})")
 
 
+def load_resume_for(path: Path, recipe: dict) -> dict:
+    """The resume state in `path`, refused if it was saved by a run with another recipe (flags, data, seed)."""
+    state = cli.load_resume(path)
+    saved = state.get("recipe", {})
+    changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {recipe.get(k)!r}" for k in changed[:5])
+        raise ValueError(f"{path} was saved by a run with other flags ({diffs}): resume with the same flags, "
+                         "or start over with --overwrite.")
+    return state
+
+
+def argv_of(args) -> list[str]:
+    """The command line, for the resume hint (sys.argv without a --resume already there)."""
+    return [a for a in sys.argv[1:] if a != "--resume"]
+
+
 def run_self_npo(args, out: Path) -> None:
     cfg = SelfNPOConfig(num_grid=args.num_grid, k=args.k, rollout_w=args.rollout_w, ema_rate=args.ema, start=args.start,
                         renoise=args.renoise, loss=args.loss, huber_c=args.huber_c, cond_drop=args.cond_drop)
@@ -199,10 +253,24 @@ def run_self_npo(args, out: Path) -> None:
     del pipe  # the frozen encoders / VAE are not needed any more: the batches hold what they encoded
     base = trainable(unet, args)
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
+    resume_file, recipe = out / RESUME, {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    resume = load_resume_for(resume_file, recipe) if args.resume else None
+    save = (lambda state: cli.save_resume(resume_file, {**state, "recipe": recipe})) if args.save_every else None
     start = time.time()
-    log = training.self_npo(unet, batches, null, schedule, cfg, args.steps, args.lr, args.weight_decay,
-                            args.grad_clip, args.grad_accum, autocast, gen, progress=not args.no_progress,
-                            prediction_type=prediction_type)
+    try:
+        log = training.self_npo(unet, batches, null, schedule, cfg, args.steps, args.lr, args.weight_decay,
+                                args.grad_clip, args.grad_accum, autocast, gen, progress=not args.no_progress,
+                                resume=resume, save=save, save_every=args.save_every,
+                                prediction_type=prediction_type)
+    except training.NonFiniteError as e:
+        kept = f" The last good state is in {resume_file} (--resume continues from it)." if resume_file.is_file() else ""
+        raise training.NonFiniteError(e.step, f"{e} Nothing was written.{kept}") from None
+    except KeyboardInterrupt:
+        if save is None or not resume_file.is_file():
+            raise
+        step = cli.load_resume(resume_file)["step"]
+        raise cli.Interrupted(f"saved step {step} of {args.steps} to {resume_file}; continue with: "
+                              f"python train.py {' '.join(argv_of(args))} --resume") from None
     seconds = time.time() - start
     meta = {"base": base_name, "model": args.model, "k": cfg.k, "num_grid": cfg.num_grid, "rollout_w": cfg.rollout_w,
             "ema_rate": cfg.ema_rate, "start": cfg.start, "renoise": cfg.renoise, "loss": cfg.loss, "huber_c": cfg.huber_c,
@@ -211,26 +279,43 @@ def run_self_npo(args, out: Path) -> None:
             "command": " ".join(sys.argv)}
     delta_file = save_offset(unet, base, args, out, meta)
     write_log(log, out / "loss.csv")
+    resume_file.unlink(missing_ok=True)  # the run is complete: the delta is its result
     print(f"wrote {delta_file}: K={cfg.k}, {args.steps} steps in {seconds:.0f} s "
           f"({seconds / args.steps:.2f} s/step), final loss {log[-1]['loss']:.4g}")
 
 
+def output_files(args) -> list[Path]:
+    """Every file this run writes under --out (checked before any work)."""
+    out = Path(args.out)
+    if args.method == "pretrain":
+        return [out / n for n in ("model.safetensors", "config.json", "loss.csv", "args.json")]
+    return [out / n for n in (output_file(args), "loss.csv", "args.json")]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     out = Path(args.out)
-    main_file = output_file(args)
-    extra = ["config.json"] if args.method == "pretrain" else []
-    for name in [main_file, "loss.csv", "args.json", *extra]:  # every output, before any work
-        check_writable(out / name, args.overwrite)
+    files = output_files(args)
+    resume_file = out / RESUME
+    if args.resume:
+        cli.check_out(files, args.overwrite, SCRIPT)
+        if not resume_file.is_file():
+            raise FileNotFoundError(f"--resume: no {resume_file} (a run writes it every --save-every steps). "
+                                    "Start without --resume.")
+    else:
+        if resume_file.exists() and not args.overwrite:
+            raise FileExistsError(f"{resume_file} holds a stopped run: continue it with the same flags and --resume, "
+                                  "or pass --overwrite to start over.")
+        cli.check_out(files + ([resume_file] if args.method == "self-npo" and args.save_every else []),
+                      args.overwrite, SCRIPT)
+    cli.clean_temp(out)  # half-written files of a killed run
     if args.method == "pretrain":
         run_pretrain(args, out)
     else:
         run_self_npo(args, out)
-    atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))
+    cli.write_args(out / "args.json", args, SCRIPT)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main)

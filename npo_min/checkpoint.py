@@ -40,7 +40,8 @@ def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torc
             (e.g. `"model.diffusion_model."` for the UNet of an SD single-file checkpoint).
 
     Raises:
-        CheckpointError: the path does not exist, has an unknown suffix, or nothing matches prefix.
+        CheckpointError: the path does not exist, has an unknown suffix, cannot be read (empty, truncated,
+            not the format its suffix says), nothing matches prefix, or a tensor holds NaN / Inf.
     """
     path = Path(path)
     if not path.exists():
@@ -50,7 +51,11 @@ def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torc
     elif path.suffix == ".safetensors":
         sd = _load_safetensors(path, prefix)
     elif path.suffix in PICKLE_SUFFIXES:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, foreign pickle, a refused global: torch raises several types
+            raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_line(e)}). "
+                                  "Re-download or re-save it.") from None
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} does not hold a state dict (found {type(sd).__name__}).")
@@ -63,13 +68,42 @@ def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torc
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"no keys start with {prefix!r} in {path}: is this the right checkpoint?")
+    check_finite(sd, path)
     return sd
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Finite or refuse: raise CheckpointError naming `source` and the first key holding NaN / Inf."""
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"{source}: tensor {k!r} holds {n} NaN / Inf values; a diverged or corrupt "
+                                  "checkpoint is never used. Re-train or re-download it.")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _safe_open(path: Path):
+    """safe_open with a readable CheckpointError for missing / empty / truncated / non-safetensors files."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. Check the path.")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises SafetensorError / OSError for a bad header
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {_first_line(e)}): "
+                              "empty, truncated or another format. Re-download or re-save it.") from None
 
 
 def _load_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     # Only the tensors under `prefix` are read: the UNet of a 4 GB single file costs its own size.
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    with _safe_open(path) as f:
+        try:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        except Exception as e:  # a header that promises more bytes than the file holds
+            raise CheckpointError(f"{path}: tensor data cannot be read ({type(e).__name__}: {_first_line(e)}): "
+                                  "the file is truncated or corrupt. Re-download or re-save it.") from None
 
 
 def _load_folder(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -94,14 +128,14 @@ def checkpoint_keys(path: str | os.PathLike) -> list[str]:
     """Tensor names of a checkpoint file; a .safetensors header is read without the tensors."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _safe_open(path) as f:
             return list(f.keys())
     return list(load_state_dict(path))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata stored in a `.safetensors` header ({} if none)."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with _safe_open(Path(path)) as f:
         return dict(f.metadata() or {})
 
 
@@ -218,9 +252,15 @@ def save_safetensors(
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write tensors (contiguous, CPU) to a `.safetensors` file atomically, refusing to overwrite."""
+    """Write tensors (contiguous, CPU) to a `.safetensors` file atomically, refusing to overwrite.
+
+    Raises:
+        FileExistsError / PermissionError: as check_writable. CheckpointError: a tensor holds NaN / Inf
+            (nothing is written: a diverged model is never saved as valid).
+    """
     path = check_writable(path, overwrite)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    check_finite(tensors, path)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path

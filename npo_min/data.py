@@ -57,8 +57,14 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
 
     Shortest side resized to `resolution` (LANCZOS), then a centre crop: the authors' Self-NPO
     transform (torchvision Resize + CenterCrop + Normalize(0.5, 0.5)), done with pillow.
+
+    Raises ValueError: not a readable image (the message names the file).
     """
-    return to_tensor(resize_crop(Image.open(path).convert("RGB"), resolution, resolution))
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
+        raise ValueError(f"{path} is not a readable image ({e}): remove or replace it.") from None
+    return to_tensor(resize_crop(img, resolution, resolution))
 
 
 def clip_caption_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
@@ -116,11 +122,63 @@ def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int)
     return torch.stack([to_tensor(resize_crop(f, height, width)) for f in frames[:num_frames]], dim=1)  # (3, F, H, W)
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless index batches over range(n), reshuffled every epoch (drop_last)."""
-    if batch_size > n:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples.")
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
+class ShuffledBatches:
+    """Endless index batches `(batch_size,)` over range(n), reshuffled every epoch with `generator` (drop_last).
+
+    Resumable: `state_dict()` holds the epoch's permutation and the position in it; the permutations
+    come from `generator`, so together with its state a restored iterator continues the same order.
+    A new permutation is drawn when the previous one is used up, at the same point of the
+    generator's stream as a plain generator function would draw it.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} exceeds the {n} training examples.")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.perm is None or self.pos + self.batch_size > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "batch_size": self.batch_size, "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Raises ValueError: the state is for another data size or batch size."""
+        if (state["n"], state["batch_size"]) != (self.n, self.batch_size):
+            raise ValueError(f"the resume checkpoint's data order is for {state['n']} examples in batches of "
+                             f"{state['batch_size']}, but this run has {self.n} in batches of {self.batch_size}: "
+                             "resume with the same data and --batch-size.")
+        self.perm, self.pos = state["perm"], state["pos"]
+
+
+class MappedBatches:
+    """`fn(idx)` for every index batch of a ShuffledBatches, with its resumable state (what pipelines return)."""
+
+    def __init__(self, index: ShuffledBatches, fn):
+        self.index, self.fn = index, fn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.fn(next(self.index))
+
+    def state_dict(self) -> dict:
+        return self.index.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index.load_state_dict(state)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> ShuffledBatches:
+    """Endless index batches over range(n), reshuffled every epoch (drop_last); see ShuffledBatches."""
+    return ShuffledBatches(n, batch_size, generator)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -212,7 +213,14 @@ def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[P
         CheckpointError: missing / unreadable file, a LoRA or delta that does not fit, a delta made for
             another base, a full model of another architecture, an offset without metadata.
     """
-    path = Path(path)
+    offset = _load_offset(Path(path), base, read_weights, check_fingerprint, trust_delta)
+    if not any(bool(v.any()) for v in offset.values()):
+        warnings.warn(f"{path} is an empty offset ({len(offset)} keys, all zero): theta_neg = theta, so NPO samples "
+                      "exactly like plain CFG. Was the right file passed?", stacklevel=2)
+    return offset
+
+
+def _load_offset(path: Path, base: Offset, read_weights, check_fingerprint: bool, trust_delta: bool) -> Offset:
     if not path.exists():
         raise CheckpointError(f"offset checkpoint not found: {path}. Pass a delta.safetensors, a LoRA or a fine-tuned model.")
     adapter_config = {}

@@ -7,8 +7,12 @@ to a list of dicts that the CLI writes out.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
+import sys
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -20,6 +24,14 @@ from .schedule import NoiseSchedule
 from .self_npo import SelfNPOConfig, denoising_loss, ema_update, tdft_loss, truncated_rollout
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x0 (B, C, H, W), context (B, L, D))
+
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN / Inf loss or gradient (diverged); `step` is the optimizer step (1-based)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
 
 
 def self_npo(
@@ -38,6 +50,9 @@ def self_npo(
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
     prediction_type: str = "epsilon",
+    resume: dict | None = None,
+    save: Callable[[dict], None] | None = None,
+    save_every: int = 0,
 ) -> list[dict]:
     """Fine-tune `student` in place with TDFT; the EMA target starts as a copy of it.
 
@@ -46,38 +61,122 @@ def self_npo(
     Authors' SD1.5 defaults: AdamW lr 1e-6, weight decay 1e-3, grad clip 1.0, constant LR,
     1000 steps at batch 80. Returns the per-step log.
 
+    Resumable: every `save_every` steps (and at a Ctrl-C, after the step in progress) `save(state)` gets
+    `training_state(...)`: student, EMA target, optimizer, step, log, the RNG states of torch and of
+    `generator`, and the data order (if `batches` has `state_dict`). `resume=state` continues from it;
+    the result is bitwise that of an uninterrupted run (same device and threads).
+
     Raises:
-        ValueError: steps or grad_accum < 1.
+        ValueError: steps or grad_accum < 1, a resume state past `steps`.
+        NonFiniteError: a NaN / Inf loss or gradient norm, at the step it appears (before the optimizer
+            applies it, so the student and the last saved state stay finite).
+        KeyboardInterrupt: Ctrl-C, after saving the state of the last finished step (if `save`).
     """
     if steps < 1 or grad_accum < 1:
         raise ValueError(f"steps and grad_accum must be >= 1; got {steps}, {grad_accum}.")
     target = copy.deepcopy(student).eval().requires_grad_(False)
     student.train()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    log, start = [], time.time()
-    bar = tqdm(range(1, steps + 1), desc="self-npo", disable=not progress)
-    for step in bar:
-        total = 0.0
-        for _ in range(grad_accum):
-            x0, cond = next(batches)
-            with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator,
-                                                      prediction_type=prediction_type)
-                loss = tdft_loss(student, x_t, t, x0_target, cond, null_context, schedule, cfg, generator,
-                                 prediction_type) / grad_accum
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(target, student, cfg.ema_rate)
-        entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": t.float().mean().item(), "seconds": time.time() - start}
-        log.append(entry)
-        bar.set_postfix(loss=f"{total:.4g}")
-        if on_step:
-            on_step(step, entry)
+    log, first = [], 1
+    if resume is not None:
+        first = restore_training_state(resume, student, target, opt, batches, generator) + 1
+        log = list(resume["log"])
+        if first > steps + 1:
+            raise ValueError(f"the resume checkpoint is at step {first - 1}, past --steps {steps}.")
+    state = lambda step: training_state(step, log, student, target, opt, batches, generator)  # noqa: E731
+    start = time.time() - (log[-1]["seconds"] if log else 0.0)
+    bar = tqdm(range(first, steps + 1), desc="self-npo", disable=not progress, initial=first - 1, total=steps)
+    with _interrupt_after_step() as interrupted:
+        for step in bar:
+            total = 0.0
+            for _ in range(grad_accum):
+                x0, cond = next(batches)
+                with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator,
+                                                          prediction_type=prediction_type)
+                    loss = tdft_loss(student, x_t, t, x0_target, cond, null_context, schedule, cfg, generator,
+                                     prediction_type) / grad_accum
+                loss.backward()
+                total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip).item()
+            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                raise NonFiniteError(step, f"training diverged at step {step}: loss {total:.4g}, gradient norm "
+                                           f"{grad_norm:.4g} (not finite). Lower --lr or check the recipe flags.")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(target, student, cfg.ema_rate)
+            entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": t.float().mean().item(), "seconds": time.time() - start}
+            log.append(entry)
+            bar.set_postfix(loss=f"{total:.4g}")
+            if on_step:
+                on_step(step, entry)
+            if save is not None and ((save_every and step % save_every == 0 and step < steps) or interrupted()):
+                save(state(step))
+            if interrupted():
+                raise KeyboardInterrupt(f"step {step}")
     student.eval()
     return log
+
+
+def training_state(step, log, student, target, opt, batches, generator) -> dict:
+    """Everything a Self-NPO run needs to continue bit for bit after `step` (CPU tensors; torch.save-able)."""
+    cpu = lambda sd: {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # noqa: E731
+    return {"step": step, "log": list(log), "student": cpu(student.state_dict()), "target": cpu(target.state_dict()),
+            "optimizer": _to_cpu(opt.state_dict()), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state() if generator is not None else None,
+            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}
+
+
+def restore_training_state(state: dict, student, target, opt, batches, generator) -> int:
+    """Load `training_state(...)` into the run's objects; returns the step it was saved after.
+
+    Raises ValueError: the batches cannot restore a data order (their model family does not support --resume).
+    """
+    if state.get("batches") is None or not hasattr(batches, "load_state_dict"):
+        raise ValueError("this model's training batches have no resumable data order: start without --resume.")
+    student.load_state_dict(state["student"])
+    target.load_state_dict(state["target"])
+    opt.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["batches"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+    return int(state["step"])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+@contextlib.contextmanager
+def _interrupt_after_step():
+    """Ctrl-C (SIGINT) sets a flag that the loop reads after its step, so a saved state is always a whole
+    step; a second Ctrl-C interrupts at once. Outside the main thread the default handling stays."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+        print("\nCtrl-C: stopping after this step (press again to stop at once) ...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def pretrain(
@@ -100,6 +199,8 @@ def pretrain(
     Labels are replaced by `null_label` with probability `label_drop` (CFG's unconditional branch).
     AdamW with linear warm-up (200 steps) then cosine decay; returns (EMA state dict with keys
     `unet.*` / `class_embedding.*`, per-step log).
+
+    Raises NonFiniteError: a NaN / Inf loss, at its step.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}.")
@@ -118,6 +219,8 @@ def pretrain(
         y = labels[idx].clone()
         y[torch.rand(len(y), generator=generator) < label_drop] = null_label
         loss = denoising_loss(unet, images[idx], embed(y), schedule, generator)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteError(step, f"training diverged at step {step}: loss {loss.item()} (not finite). Lower --lr.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -401,12 +401,21 @@ def unet_config_from_diffusers(raw: dict) -> UNetConfig:
     added = raw.get("addition_embed_type")
     if added not in (None, "text_time"):
         bad.append(f"addition_embed_type={added!r} (supported: None, 'text_time')")
+    layers = _uniform(raw.get("layers_per_block", d.layers_per_block))
+    if not (isinstance(layers, int) and layers >= 1):
+        bad.append(f"layers_per_block={layers!r} (supported: one positive integer for all levels)")
+    for key in ("in_channels", "out_channels", "norm_num_groups", "sample_size"):
+        if key in raw and not (isinstance(raw[key], int) and raw[key] >= 1):
+            bad.append(f"{key}={raw[key]!r} (supported: a positive integer)")
+    channels = raw.get("block_out_channels", d.block_out_channels)
+    if not (isinstance(channels, (list, tuple)) and len(channels) == len(down) and all(isinstance(c, int) for c in channels)):
+        bad.append(f"block_out_channels={channels!r} (supported: one integer per down block, {len(down)} here)")
     if bad:
         raise CheckpointError("this UNet config.json describes an architecture npo_min does not implement:\n    " + "\n    ".join(bad))
     return UNetConfig(
         in_channels=raw.get("in_channels", d.in_channels), out_channels=raw.get("out_channels", d.out_channels),
         block_out_channels=tuple(raw.get("block_out_channels", d.block_out_channels)), cross_attn=cross,
-        layers_per_block=raw.get("layers_per_block", d.layers_per_block), num_heads=_tuple(heads), cross_attention_dim=ctx,
+        layers_per_block=layers, num_heads=_tuple(heads), cross_attention_dim=ctx,
         norm_num_groups=raw.get("norm_num_groups", d.norm_num_groups), sample_size=raw.get("sample_size", d.sample_size),
         transformer_depth=_tuple(depth), use_linear_projection=bool(raw.get("use_linear_projection", False)),
         addition_embed_type=added,

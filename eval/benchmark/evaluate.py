@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from eval.benchmark.classifier import DEFAULT_WEIGHTS as CLASSIFIER_WEIGHTS, load_classifier
 from eval.metrics import class_log_prob, class_margin, frechet_distance, paired_win_rate
-from npo_min.checkpoint import CheckpointError, atomic_write, check_writable
+from npo_min import cli
+from npo_min.checkpoint import atomic_write
 from npo_min.digits import DEFAULT_WEIGHTS, NUM_CLASSES, load_digits, sample_digits
 from npo_min.guidance import negative_model
 from npo_min.offsets import load_offset
@@ -82,30 +84,41 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--seed", type=int, default=1234, help="noise seed (shared by all methods)")
     p.add_argument("--ignore-fingerprint", action="store_true", help="apply a delta made for another base")
+    p.add_argument("--trust-delta", action="store_true", help="apply an offset file without our metadata as delta")
     p.add_argument("--out", default="out/eval", help="output folder (eval.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing eval.json")
     args = p.parse_args(argv)
-    out = check_writable(Path(args.out) / "eval.json", args.overwrite)
-    scales = [float(s) for s in args.guidance_scales.split(",")]
+    cli.check_finite_flags(args, ["beta"])
+    if args.num_per_class < 1 or args.steps < 1:
+        raise ValueError(f"--num-per-class and --steps must be >= 1 (got {args.num_per_class}, {args.steps}).")
+    try:
+        scales = [float(s) for s in args.guidance_scales.split(",")]
+    except ValueError:
+        raise ValueError(f"--guidance-scales takes comma-separated numbers, e.g. 1.5,2,3 (got {args.guidance_scales!r}).") from None
+    if not all(math.isfinite(s) for s in scales):
+        raise ValueError(f"--guidance-scales must be finite numbers (got {args.guidance_scales}).")
+    out = cli.check_out([Path(args.out) / "eval.json"], args.overwrite, "eval.benchmark.evaluate")[0]
     pipe = load_pipeline("digits", args.weights)
     unet, embed = pipe.denoiser, pipe.class_embedding
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     negatives = {}
     for path in args.neg_ckpt:
-        delta = load_offset(path, base, pipe.read_weights, check_fingerprint=not args.ignore_fingerprint)
+        delta = load_offset(path, base, pipe.read_weights, not args.ignore_fingerprint, args.trust_delta)
         stem = Path(path).parent.name if Path(path).name == "delta.safetensors" else Path(path).stem
         name, i = stem, 1
         while name in negatives:  # two runs/x/delta.safetensors: x, x#1 (a row never vanishes)
             name, i = f"{stem}#{i}", i + 1
         negatives[name] = negative_model(unet, base, delta=delta, beta=args.beta)
     rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, args.steps)
+    bad = [f"{r['method']} at scale {r['guidance_scale']:g}" for r in rows
+           if not all(math.isfinite(r[k]) for k in ("log_p", "margin", "fd"))]
+    if bad:
+        raise ValueError(f"non-finite metrics for {', '.join(bad[:3])}: the samples hold NaN / Inf (a diverged "
+                         "offset or scale?). Nothing was written.")
     print(format_table(rows, info))
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps({"rows": rows, "info": info, "args": vars(args)}, indent=2)))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError, FileExistsError, PermissionError) as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main)

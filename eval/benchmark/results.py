@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from eval.benchmark.evaluate import evaluate, format_table
+from npo_min import cli
 from npo_min.checkpoint import atomic_write, read_metadata
 from npo_min.digits import DEFAULT_WEIGHTS
 from npo_min.guidance import negative_model
@@ -32,15 +33,42 @@ from npo_min.offsets import read_delta
 from npo_min.pipelines import ROOT, load_pipeline
 
 
-def train_variant(out: Path, name: str, extra: str, weights: str, common: str) -> Path:
-    """Run train.py into out/name unless its delta is already there; returns the delta path."""
+# delta metadata key -> train.py flag (dest): the recipe a reused delta must have been trained with
+RECIPE = {"k": "k", "num_grid": "num_grid", "rollout_w": "rollout_w", "ema_rate": "ema", "start": "start",
+          "renoise": "renoise", "loss": "loss", "huber_c": "huber_c", "cond_drop": "cond_drop", "steps": "steps",
+          "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
+          "seed": "seed"}
+
+
+def recipe_changes(delta: Path, argv: list[str]) -> list[str]:
+    """The recipe entries where the delta's recorded metadata differs from what train.py `argv` would run."""
+    sys.path.insert(0, str(ROOT))
+    import train  # the root script: its parse_args resolves the per-model defaults
+
+    want = vars(train.parse_args(argv))
+    have = read_metadata(delta)
+    return [f"{key}: recorded {have.get(key)!r}, requested {str(want[flag])!r}"
+            for key, flag in RECIPE.items() if have.get(key) != str(want[flag])]
+
+
+def train_variant(out: Path, name: str, extra: str, weights: str, common: str, retrain: bool = False) -> Path:
+    """Run train.py into out/name unless a delta with the same recipe is already there; returns the delta path.
+
+    Raises ValueError: a delta is there, trained with another recipe, and `retrain` is off.
+    """
     delta = out / name / "delta.safetensors"
+    argv = shlex.split(f"--weights {weights} --out {out / name} {common} {extra}")
     if delta.exists():
-        print(f"[{name}] reusing {delta}")
-    else:
-        argv = shlex.split(f"--weights {weights} --out {out / name} {common} {extra}")
-        print(f"[{name}] python train.py {shlex.join(argv)}")
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True)
+        changes = recipe_changes(delta, argv)
+        if not changes:
+            print(f"[{name}] reusing {delta} (same recipe)")
+            return delta
+        if not retrain:
+            raise ValueError(f"{delta} was trained with another recipe ({'; '.join(changes[:3])}): pass --retrain to "
+                             "train it again, or choose another --out.")
+        argv.append("--overwrite")
+    print(f"[{name}] python train.py {shlex.join(argv)}")
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True)
     return delta
 
 
@@ -94,6 +122,7 @@ def main(argv=None):
     p.add_argument("--guidance-scales", default="1.5,2,3,4,6", help="comma-separated CFG scales")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class and scale")
     p.add_argument("--seed", type=int, default=1234, help="sampling noise seed")
+    p.add_argument("--retrain", action="store_true", help="retrain a variant whose delta in --out has another recipe")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +133,7 @@ def main(argv=None):
     for item in args.extra:
         name, _, flags = item.partition("=")
         variants[name] = flags.strip('"')
-    deltas = {name: train_variant(out, name, flags, args.weights, args.common) for name, flags in variants.items()}
+    deltas = {name: train_variant(out, name, flags, args.weights, args.common, args.retrain) for name, flags in variants.items()}
 
     pipe = load_pipeline("digits", args.weights)
     unet, embed = pipe.denoiser, pipe.class_embedding
@@ -140,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_state_dict
-from ..data import shuffled_batches
+from ..data import MappedBatches, shuffled_batches
 from ..digits import NULL_CLASS, NUM_CLASSES, ClassEmbedding, build_digits_model, digits_config_json, load_digits, load_digits_model
 from ..schedule import NoiseSchedule
 from . import Pipeline
@@ -54,8 +54,7 @@ class DigitsPipeline(Pipeline):
         images, labels = load_digits("train")  # the held-out split never enters training
         with torch.no_grad():
             contexts = self.class_embedding(labels)
-        for idx in shuffled_batches(len(images), batch_size, generator):
-            yield images[idx], contexts[idx]
+        return MappedBatches(shuffled_batches(len(images), batch_size, generator), lambda idx: (images[idx], contexts[idx]))
 
 
 def load(weights: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32, config: str | None = None,

@@ -22,7 +22,7 @@ import torch
 from ..checkpoint import CheckpointError, build_loaded, load_state_dict
 from ..clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_text_encoder, to_official_keys
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
-from ..data import image_caption_pairs, load_image, shuffled_batches
+from ..data import MappedBatches, image_caption_pairs, load_image, shuffled_batches
 from ..schedule import NoiseSchedule
 from ..unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, load_unet, read_unet_weights, unet_config_from_diffusers
 from ..vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, decode_latents, ldm_vae_to_diffusers, load_vae
@@ -130,10 +130,12 @@ class SD15Pipeline(Pipeline):
 
 
 def _latent_batches(mean, std, context, batch_size, generator, device):
-    # a plain generator function, so the batches hold the encoded tensors but not the pipeline (VAE, CLIP)
-    for idx in shuffled_batches(len(mean), batch_size, generator):
+    # a module-level function, so the batches hold the encoded tensors but not the pipeline (VAE, CLIP);
+    # MappedBatches: the data order can be saved and resumed (train.py --resume)
+    def batch(idx):
         eps = torch.randn(mean[idx].shape, generator=generator)
-        yield (mean[idx] + std[idx] * eps).to(device), context[idx].to(device)
+        return (mean[idx] + std[idx] * eps).to(device), context[idx].to(device)
+    return MappedBatches(shuffled_batches(len(mean), batch_size, generator), batch)
 
 
 def load(weights: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
