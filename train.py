@@ -155,8 +155,10 @@ def check_args(args) -> None:
     if spec.pretrain is not None:  # the small models train on their vendored data at their own size
         cli.refuse_changed(args, {"data": None, "resolution": 512, "tokenizer": None},
                            f"--model {args.model} trains on its vendored data at its own size.")
+    video = "num_frames" in spec.train  # the video families (their defaults name a frame count) train on clips
+    if not video and (args.num_frames is not None or isinstance(args.resolution, tuple)):
+        raise ValueError(f"--num-frames and --resolution HxW are for video models; --model {args.model} takes --resolution N.")
     if args.data is not None:  # a missing folder / captions are refused before the weights load
-        video = "num_frames" in spec.train  # the video families train on clips
         (clip_caption_pairs if video else image_caption_pairs)(args.data)
 
 
@@ -243,8 +245,6 @@ def run_self_npo(args, out: Path) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer,
                          text_dtype=DTYPES.get(args.text_dtype))
-    if not pipe.video and (args.num_frames is not None or isinstance(args.resolution, tuple)):
-        raise ValueError(f"--num-frames and --resolution HxW are for video models; --model {args.model} takes --resolution N.")
     video = {"num_frames": args.num_frames} if pipe.video else {}
     batches = pipe.self_npo_batches(args.data, args.batch_size, gen, resolution=args.resolution, **video)
     null, unet, schedule, base_name = pipe.null_cond(1), pipe.denoiser, pipe.schedule, pipe.name

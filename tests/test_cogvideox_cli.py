@@ -281,7 +281,7 @@ def test_bad_input_one_line_errors(tiny, tmp_path):
     lines = run.stderr.strip().splitlines()
     assert run.returncode != 0 and len(lines) == 1 and "has 5 frames but 9 are needed" in lines[0], run.stderr
     # video-only flags on an image model, and a bad --resolution
-    run = run_cli("train.py", "--model", "digits", "--out", str(tmp_path / "d"), "--resolution", "8x8", "--steps", "1")
+    run = run_cli("train.py", "--model", "digits", "--out", str(tmp_path / "d"), "--num-frames", "9", "--steps", "1")
     assert run.returncode != 0 and "for video models" in run.stderr.strip().splitlines()[-1], run.stderr
     run = run_cli("train.py", "--model", "cogvideox", *common, "--resolution", "480by720")
     assert run.returncode == 2 and "--resolution must be N or HxW" in run.stderr
