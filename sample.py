@@ -7,7 +7,10 @@
 Guidance (Diffusion-NPO Eq. 9, 10): eps = eps_neg + s (eps_pos - eps_neg), s = guidance_scale = w + 1;
 positive weights theta_pos = theta + eta (eta from --pos-ckpt, else 0), negative weights
 theta_neg = theta + alpha * eta + beta * delta (delta from --neg-ckpt). "base" = plain CFG, theta_pos on
-both c and c'; "npo" = theta_pos on c, theta_neg on c' (two passes per step, as the authors' pipelines).
+both c and c'; "npo" = theta_pos on c, theta_neg on c'. Low-rank offsets (a LoRA, or a dense delta cut to
+rank R with --delta-rank R) run in ONE batched [c', c] pass on one denoiser, as plain CFG does, each half
+with its own low-rank terms (npo_min/batched_offsets.py); full-rank ones keep a second copy of the
+denoiser and two passes per step, as the authors' pipelines (the memory cost is printed).
 --neg-ckpt / --pos-ckpt take, for every model, our delta.safetensors, a LoRA (PEFT / diffusers / kohya
 names) or a full fine-tuned denoiser (npo_min/offsets.py). Sample i uses noise seeded with seed + i.
 Writes base/{i:04d}.png, npo/{i:04d}.png (so `eval.t2i.score --a OUT/npo --b OUT/base` pairs them),
@@ -26,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from npo_min import cli
-from npo_min.guidance import compose_negative, guided_denoiser, negative_model
+from npo_min.batched_offsets import load_offset_factors, npo_denoisers
+from npo_min.guidance import guided_denoiser
 from npo_min.images import labelled_grid, save_gif, save_png, to_pil, to_pil_frames
-from npo_min.offsets import load_offset
 from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
 from npo_min.prompts import read_prompts
 from npo_min.solvers import SOLVERS, sample
@@ -52,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--pos-ckpt", default=None, help="positive model or offset (e.g. a DPO UNet or LoRA): eta")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of eta in theta_neg (Eq. 10) (default: 1)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of delta in theta_neg (Eq. 10) (default: 1)")
+    p.add_argument("--delta-rank", type=int, default=None,
+                   help="cut a full-rank --neg-ckpt delta to this rank (truncated SVD, error printed): one-pass guidance")
+    p.add_argument("--two-model", action="store_true", help="force the two-model path (a second denoiser copy) for low-rank offsets too")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale s = w + 1")
     p.add_argument("--steps", type=int, default=None, help="solver steps")
     p.add_argument("--solver", default=None, choices=sorted(SOLVERS), help="ODE solver")
@@ -80,6 +86,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.weights is None:
         args.weights = default_weights(args.model)
+    if args.delta_rank is not None and args.delta_rank < 1:
+        p.error(f"--delta-rank must be >= 1 (got {args.delta_rank}).")
     for key in ("steps", "num_per_class", "batch_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(args, key)}).")
@@ -118,18 +126,24 @@ def main(argv=None) -> list[Path]:
     names = [f"{kind}/{i:04d}.{ext}" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
     files = cli.check_out([out / name for name in names] + [out / "args.json"], args.overwrite, SCRIPT)[:-1]
 
-    # theta_pos = theta + eta on c; theta_neg = theta + alpha eta + beta delta on c' (Eq. 10), composed in float32
+    # theta_pos = theta + eta on c; theta_neg = theta + alpha eta + beta delta on c' (Eq. 10)
     base = pipe.denoiser.state_dict()
     check = not args.ignore_fingerprint
-    eta = load_offset(args.pos_ckpt, base, pipe.read_weights, check, args.trust_delta) if args.pos_ckpt else None
-    delta = load_offset(args.neg_ckpt, base, pipe.read_weights, check, args.trust_delta) if args.neg_ckpt else None
-    neg = negative_model(pipe.denoiser, base, delta, eta, args.alpha, args.beta)  # a copy
-    if eta is not None:
-        pipe.denoiser.load_state_dict(compose_negative(base, eta=eta))
-    del base, eta, delta
+    eta = delta = None
+    if args.pos_ckpt:
+        eta, how = load_offset_factors(args.pos_ckpt, base, pipe.read_weights, check, args.trust_delta)
+        print(f"--pos-ckpt {args.pos_ckpt}: {how}")
+    if args.neg_ckpt:
+        delta, how = load_offset_factors(args.neg_ckpt, base, pipe.read_weights, check, args.trust_delta, rank=args.delta_rank)
+        print(f"--neg-ckpt {args.neg_ckpt}: {how}")
+    del base
+    pos, neg, how = npo_denoisers(pipe.denoiser, eta, delta, args.alpha, args.beta, one_pass=False if args.two_model else None)
+    print(how)
+    del eta, delta
     dtype = DTYPES[args.dtype]
     pipe.to(args.device, dtype)
-    pos, neg = pipe.denoiser, neg.to(args.device, dtype)
+    if isinstance(neg, torch.nn.Module):
+        neg.to(args.device, dtype)
     firsts = range(0, len(prompts), args.batch_size)
     conds = [(pipe.encode(prompts[f : f + args.batch_size]), pipe.null_cond(len(prompts[f : f + args.batch_size]))) for f in firsts]
     pipe.release_text_encoder()  # every prompt is encoded: free the text encoder before sampling

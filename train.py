@@ -5,6 +5,7 @@
     python train.py --method pretrain --out weights/digits --overwrite   # remake the shipped base model
     python train.py --model sd15 --weights v1-5-pruned-emaonly.safetensors --data DIR --k 5
     python train.py --model cogvideox --weights CogVideoX-2b --data CLIPS --k 5 --dtype bf16 --gradient-checkpointing
+    torchrun --nproc_per_node 8 train.py --model sd15 ... --batch-size 10 --grad-accum 1   # batch 80 on 8 GPUs
 
 Every model reads the same way: the family's pipeline (npo_min/pipelines/) gives the denoiser, the
 unconditional c' and the real-data batches; npo_min/training.py runs the Self-NPO loop (Eq. 13-17);
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from npo_min import cli, training
+from npo_min import cli, distributed, training
 from npo_min.checkpoint import atomic_write, fingerprint, save_safetensors
 from npo_min.data import clip_caption_pairs, image_caption_pairs
 from npo_min.lora import LORA_FILE, add_lora, parse_targets, save_lora
@@ -75,8 +76,8 @@ def parse_args(argv=None):
                     help="comma-separated module names (PEFT target_modules rule) (default: to_q,to_k,to_v,to_out.0)")
     o = p.add_argument_group("optimisation (unset = the per-model default listed below)")
     o.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    o.add_argument("--batch-size", type=int, default=None, help="batch per micro-step")
-    o.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (batch = batch-size x grad-accum)")
+    o.add_argument("--batch-size", type=int, default=None, help="batch per micro-step (per rank under torchrun)")
+    o.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (batch = batch-size x grad-accum x ranks)")
     o.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant")
     o.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     o.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
@@ -238,7 +239,9 @@ def argv_of(args) -> list[str]:
     return [a for a in sys.argv[1:] if a != "--resume"]
 
 
-def run_self_npo(args, out: Path) -> None:
+def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
+    """Self-NPO into `out`; under torchrun (`dist`) every rank trains its shard and rank 0 writes."""
+    world, main_rank = (dist.world, dist.main) if dist else (1, True)
     cfg = SelfNPOConfig(num_grid=args.num_grid, k=args.k, rollout_w=args.rollout_w, ema_rate=args.ema, start=args.start,
                         renoise=args.renoise, loss=args.loss, huber_c=args.huber_c, cond_drop=args.cond_drop)
     torch.manual_seed(args.seed)
@@ -246,7 +249,9 @@ def run_self_npo(args, out: Path) -> None:
     pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer,
                          text_dtype=DTYPES.get(args.text_dtype))
     video = {"num_frames": args.num_frames} if pipe.video else {}
-    batches = pipe.self_npo_batches(args.data, args.batch_size, gen, resolution=args.resolution, **video)
+    batches = pipe.self_npo_batches(args.data, args.batch_size * world, gen, resolution=args.resolution, **video)
+    if dist:  # every rank draws the global batch and keeps its rows
+        batches = distributed.ShardedBatches(batches, dist.rank, dist.world)
     null, unet, schedule, base_name = pipe.null_cond(1), pipe.denoiser, pipe.schedule, pipe.name
     prediction_type = pipe.prediction_type
     pipe.release_text_encoder()
@@ -255,28 +260,30 @@ def run_self_npo(args, out: Path) -> None:
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
     resume_file, recipe = out / RESUME, {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
     resume = load_resume_for(resume_file, recipe) if args.resume else None
-    save = (lambda state: cli.save_resume(resume_file, {**state, "recipe": recipe})) if args.save_every else None
+    save = (lambda state: cli.save_resume(resume_file, {**state, "recipe": recipe})) if args.save_every and main_rank else None
     start = time.time()
     try:
         log = training.self_npo(unet, batches, null, schedule, cfg, args.steps, args.lr, args.weight_decay,
                                 args.grad_clip, args.grad_accum, autocast, gen, progress=not args.no_progress,
-                                resume=resume, save=save, save_every=args.save_every,
+                                resume=resume, save=save, save_every=args.save_every, dist=dist,
                                 prediction_type=prediction_type)
     except training.NonFiniteError as e:
         kept = f" The last good state is in {resume_file} (--resume continues from it)." if resume_file.is_file() else ""
         raise training.NonFiniteError(e.step, f"{e} Nothing was written.{kept}") from None
     except KeyboardInterrupt:
-        if save is None or not resume_file.is_file():
+        if save is None or not resume_file.is_file():  # (ranks > 0: rank 0 says how to resume)
             raise
         step = cli.load_resume(resume_file)["step"]
         raise cli.Interrupted(f"saved step {step} of {args.steps} to {resume_file}; continue with: "
                               f"python train.py {' '.join(argv_of(args))} --resume") from None
     seconds = time.time() - start
+    if not main_rank:
+        return
     meta = {"base": base_name, "model": args.model, "k": cfg.k, "num_grid": cfg.num_grid, "rollout_w": cfg.rollout_w,
             "ema_rate": cfg.ema_rate, "start": cfg.start, "renoise": cfg.renoise, "loss": cfg.loss, "huber_c": cfg.huber_c,
             "cond_drop": cfg.cond_drop, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "train_seconds": f"{seconds:.1f}",
-            "command": " ".join(sys.argv)}
+            "command": " ".join(sys.argv), **({"world_size": world} if dist else {})}
     delta_file = save_offset(unet, base, args, out, meta)
     write_log(log, out / "loss.csv")
     resume_file.unlink(missing_ok=True)  # the run is complete: the delta is its result
@@ -309,12 +316,22 @@ def main(argv=None):
                                   "or pass --overwrite to start over.")
         cli.check_out(files + ([resume_file] if args.method == "self-npo" and args.save_every else []),
                       args.overwrite, SCRIPT)
-    cli.clean_temp(out)  # half-written files of a killed run
-    if args.method == "pretrain":
-        run_pretrain(args, out)
-    else:
-        run_self_npo(args, out)
-    cli.write_args(out / "args.json", args, SCRIPT)
+    if distributed.world_size() > 1 and args.method == "pretrain":
+        raise ValueError("--method pretrain runs in one process: start it with python, not torchrun.")
+    dist = distributed.init(args.device)  # None unless started by torchrun
+    try:
+        if dist:
+            args.device = dist.device
+        if not dist or dist.main:
+            cli.clean_temp(out)  # half-written files of a killed run
+        if args.method == "pretrain":
+            run_pretrain(args, out)
+        else:
+            run_self_npo(args, out, dist)
+        if not dist or dist.main:
+            cli.write_args(out / "args.json", args, SCRIPT)
+    finally:
+        distributed.close(dist)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,15 @@ def guided_denoiser(pos_model, neg_model, cond: Cond, neg_cond: Cond, guidance_s
     """A denoiser `(x_t, t) -> eps` applying CFG with two models (Diffusion-NPO Eq. 9).
 
     pos_model / neg_model: `f(x (B, ...), t (B,), cond) -> eps`; the same module for plain CFG (then one
-    batched pass on [c', c], as SD pipelines do). cond: the positive condition c, batch B; neg_cond: the
+    batched pass on [c', c], as SD pipelines do), or the two branches of one
+    batched_offsets.BranchedDenoiser (one batched pass too, each half with its own offsets). cond: the positive condition c, batch B; neg_cond: the
     negative / unconditional c', batch B or 1. guidance_scale 1 evaluates only the positive branch,
     0 only the negative one.
     """
     neg_cond = expand_cond(neg_cond, cond_batch(cond))
+    owner = getattr(pos_model, "owner", None)
+    owner = owner if owner is not None and getattr(neg_model, "owner", None) is owner \
+        and not pos_model.negative and neg_model.negative else None
 
     def denoise(x, t):
         if guidance_scale == 1.0:
@@ -76,6 +80,9 @@ def guided_denoiser(pos_model, neg_model, cond: Cond, neg_cond: Cond, guidance_s
             return neg_model(x, t, neg_cond)
         if neg_model is pos_model:
             eps_neg, eps_pos = pos_model(torch.cat([x, x]), torch.cat([t, t]), cat_cond(neg_cond, cond)).chunk(2)
+        elif owner is not None:  # one pass, [c' (theta_neg), c (theta_pos)]
+            negative = torch.arange(2 * x.shape[0], device=x.device) < x.shape[0]  # (2B,) True on the c' half
+            eps_neg, eps_pos = owner(torch.cat([x, x]), torch.cat([t, t]), cat_cond(neg_cond, cond), negative).chunk(2)
         else:
             eps_pos, eps_neg = pos_model(x, t, cond), neg_model(x, t, neg_cond)
         return cfg(eps_pos, eps_neg, guidance_scale)

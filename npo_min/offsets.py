@@ -142,17 +142,17 @@ def _pattern_value(pattern: dict, layer: str):
     return None
 
 
-def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None, alpha_pattern: dict | None = None,
-                  rank_pattern: dict | None = None) -> Offset:
-    """A LoRA -> weight offsets `delta[layer.weight] = scale * up @ down` (float32, base's shapes).
+def lora_factors(lora: Offset, base: Offset, alpha: float | None = None, alpha_pattern: dict | None = None,
+                 rank_pattern: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A LoRA -> per-layer factors `{layer: (up (out, r), down (r, in * kh * kw))}` (float32), the scale folded
+    into up: the layer's weight offset is `(up @ down).reshape(weight.shape)` (lora_to_delta).
 
-    down (A): `(r, in)` or conv `(r, in, kh, kw)`; up (B): `(out, r)` or `(out, r, 1, 1)`; the product
-    `(out, in * kh * kw)` is reshaped to the layer's weight. scale = alpha / r, r = the layer's rank, with
-    alpha: a stored `.alpha` tensor, else the layer's entry in `alpha_pattern` (PEFT's per-layer alphas,
-    pattern keys matched as PEFT does), else the `alpha` argument (lora_alpha from the file's metadata),
-    else none: scale 1 (the diffusers/PEFT convention lora_alpha = r, which the authors' NPO LoRA uses).
-    `rank_pattern` (PEFT's per-layer ranks) is checked against the tensors' ranks. Keys name layers in any
-    LORA_FORMS.
+    down (A): `(r, in)` or conv `(r, in, kh, kw)`; up (B): `(out, r)` or `(out, r, 1, 1)`. scale = alpha / r,
+    r = the layer's rank, with alpha: a stored `.alpha` tensor, else the layer's entry in `alpha_pattern`
+    (PEFT's per-layer alphas, pattern keys matched as PEFT does), else the `alpha` argument (lora_alpha from
+    the file's metadata), else none: scale 1 (the diffusers/PEFT convention lora_alpha = r, which the authors'
+    NPO LoRA uses). `rank_pattern` (PEFT's per-layer ranks) is checked against the tensors' ranks. Keys name
+    layers in any LORA_FORMS.
 
     Raises CheckpointError: a key names no layer of `base`, a text-encoder or DoRA LoRA, a layer with only
     one of down / up, a rank that contradicts rank_pattern, or a product whose size differs from the layer's weight.
@@ -177,7 +177,7 @@ def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None, alpha_
     if unknown or not parts:
         raise CheckpointError(f"{len(unknown)} of {len(lora)} LoRA keys name no layer of this model, e.g. {unknown[:3]}: "
                               "a LoRA for another model, or an unsupported naming?")
-    delta = {}
+    factors = {}
     for layer, p in sorted(parts.items()):
         if "down" not in p or "up" not in p:
             raise CheckpointError(f"LoRA layer {layer} has {sorted(p)}, but needs both down (A) and up (B).")
@@ -188,11 +188,55 @@ def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None, alpha_
         layer_alpha = _pattern_value(alpha_pattern, layer)
         a = p["alpha"].item() if "alpha" in p else (layer_alpha if layer_alpha is not None else alpha)
         scale = 1.0 if a is None else a / down.shape[0]
-        product = scale * (up.flatten(1) @ down.flatten(1))  # (out, r) @ (r, in * kh * kw)
-        if product.numel() != weight.numel():
-            raise CheckpointError(f"LoRA layer {layer}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit weight {tuple(weight.shape)}.")
-        delta[layer + ".weight"] = product.reshape(weight.shape)
-    return delta
+        up, down = scale * up.flatten(1), down.flatten(1)  # (out, r), (r, in * kh * kw)
+        if up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0] or up.shape[0] * down.shape[1] != weight.numel():
+            raise CheckpointError(f"LoRA layer {layer}: up {tuple(p['up'].shape)} @ down {tuple(p['down'].shape)} "
+                                  f"does not fit weight {tuple(weight.shape)}.")
+        factors[layer] = (up, down)
+    return factors
+
+
+def lora_to_delta(lora: Offset, base: Offset, alpha: float | None = None, alpha_pattern: dict | None = None,
+                  rank_pattern: dict | None = None) -> Offset:
+    """A LoRA -> weight offsets `delta[layer.weight] = scale * up @ down` (float32, base's shapes); the
+    arguments and errors as lora_factors."""
+    return {layer + ".weight": (up @ down).reshape(base[layer + ".weight"].shape)  # (out, r) @ (r, in * kh * kw)
+            for layer, (up, down) in lora_factors(lora, base, alpha, alpha_pattern, rank_pattern).items()}
+
+
+def is_lora(path: str | os.PathLike) -> bool:
+    """Whether `path` (a file, or a folder holding one) is a LoRA checkpoint (as load_offset decides)."""
+    path = _resolve(Path(path))[0]
+    if not path.is_file():
+        return False
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    return meta.get("format") != FORMAT and any("lora" in k for k in checkpoint_keys(path))
+
+
+def read_lora_factors(path: str | os.PathLike, base: Offset, check_fingerprint: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors (lora_factors) of the LoRA at `path` (is_lora) for `base`; our LoRA files' base fingerprint is checked.
+
+    Raises CheckpointError as lora_factors, or a LoRA made for another base.
+    """
+    path, adapter_config = _resolve(Path(path))
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    if meta.get("format") == LORA_FORMAT and check_fingerprint:
+        _check_fingerprint(meta, base, path)
+    return lora_factors(load_state_dict(path), base, **lora_config(adapter_config or meta))
+
+
+def _resolve(path: Path) -> tuple[Path, dict]:
+    """A folder -> (its delta / LoRA file when it holds one, its PEFT adapter_config.json or {}); a file -> (path, {})."""
+    adapter_config = {}
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():  # PEFT's save_pretrained folder
+            adapter_config = json.loads((path / "adapter_config.json").read_text())
+        for name in ("delta.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+            if (path / name).is_file():
+                return path / name, adapter_config
+    return path, adapter_config
+
+
 
 
 # ----------------------------------------------------------------------------- any offset file
@@ -223,22 +267,14 @@ def load_offset(path: str | os.PathLike, base: Offset, read_weights: Callable[[P
 def _load_offset(path: Path, base: Offset, read_weights, check_fingerprint: bool, trust_delta: bool) -> Offset:
     if not path.exists():
         raise CheckpointError(f"offset checkpoint not found: {path}. Pass a delta.safetensors, a LoRA or a fine-tuned model.")
-    adapter_config = {}
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():  # PEFT's save_pretrained folder
-            adapter_config = json.loads((path / "adapter_config.json").read_text())
-        for name in ("delta.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
-            if (path / name).is_file():
-                path = path / name
-                break
+    given, path = path, _resolve(path)[0]
     if path.is_file():
         meta = read_metadata(path) if path.suffix == ".safetensors" else {}
         if meta.get("format") == FORMAT:
             return read_delta(path, base, check_fingerprint)[0]
-        if any("lora" in k for k in checkpoint_keys(path)):
-            if meta.get("format") == LORA_FORMAT and check_fingerprint:
-                _check_fingerprint(meta, base, path)
-            return lora_to_delta(load_state_dict(path), base, **lora_config(adapter_config or meta))
+        if is_lora(path):
+            return {layer + ".weight": (up @ down).reshape(base[layer + ".weight"].shape)  # (out, r) @ (r, in * kh * kw)
+                    for layer, (up, down) in read_lora_factors(given, base, check_fingerprint).items()}
     names = checkpoint_keys(path) if path.is_file() else []
     if names and set(names) & set(base):  # already in module names: a full model or a bare offset
         sd = load_state_dict(path)

@@ -19,9 +19,10 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import shuffled_batches
 from .schedule import NoiseSchedule
-from .self_npo import SelfNPOConfig, denoising_loss, ema_update, tdft_loss, truncated_rollout
+from .self_npo import SelfNPOConfig, denoising_loss, ema_update, sharded, tdft_loss, truncated_rollout
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x0 (B, C, H, W), context (B, L, D))
 
@@ -53,6 +54,7 @@ def self_npo(
     resume: dict | None = None,
     save: Callable[[dict], None] | None = None,
     save_every: int = 0,
+    dist: "distributed.Dist | None" = None,
 ) -> list[dict]:
     """Fine-tune `student` in place with TDFT; the EMA target starts as a copy of it.
 
@@ -65,6 +67,11 @@ def self_npo(
     `training_state(...)`: student, EMA target, optimizer, step, log, the RNG states of torch and of
     `generator`, and the data order (if `batches` has `state_dict`). `resume=state` continues from it;
     the result is bitwise that of an uninterrupted run (same device and threads).
+
+    dist: a data-parallel run (npo_min/distributed.py, torchrun): the student is wrapped in
+    DistributedDataParallel, `batches` must yield this rank's shard (distributed.ShardedBatches) and the
+    random draws are sharded the same way, so N ranks equal one process with N times the batch; the
+    logged loss is the mean over ranks. Pass `save` on rank 0 only.
 
     Raises:
         ValueError: steps or grad_accum < 1, a resume state past `steps`.
@@ -84,20 +91,30 @@ def self_npo(
         if first > steps + 1:
             raise ValueError(f"the resume checkpoint is at step {first - 1}, past --steps {steps}.")
     state = lambda step: training_state(step, log, student, target, opt, batches, generator)  # noqa: E731
+    model, shard = student, contextlib.nullcontext()
+    if dist is not None:  # gradients averaged over ranks in backward; draws sliced per rank
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+        shard, progress = sharded(dist.rank, dist.world), progress and dist.main
     start = time.time() - (log[-1]["seconds"] if log else 0.0)
     bar = tqdm(range(first, steps + 1), desc="self-npo", disable=not progress, initial=first - 1, total=steps)
-    with _interrupt_after_step() as interrupted:
+    with _interrupt_after_step() as interrupted, shard:
         for step in bar:
             total = 0.0
-            for _ in range(grad_accum):
+            for micro in range(grad_accum):
                 x0, cond = next(batches)
-                with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator,
-                                                          prediction_type=prediction_type)
-                    loss = tdft_loss(student, x_t, t, x0_target, cond, null_context, schedule, cfg, generator,
-                                     prediction_type) / grad_accum
-                loss.backward()
+                sync = model.no_sync() if dist is not None and micro < grad_accum - 1 else contextlib.nullcontext()
+                with sync:  # DDP: no gradient all-reduce until the last micro-step
+                    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator,
+                                                              prediction_type=prediction_type)
+                        loss = tdft_loss(model, x_t, t, x0_target, cond, null_context, schedule, cfg, generator,
+                                         prediction_type) / grad_accum
+                    loss.backward()
                 total += loss.item()
+            if dist is not None:
+                total = distributed.mean(total, x0.device)  # the same on every rank, so all stop together
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
                 raise NonFiniteError(step, f"training diverged at step {step}: loss {total:.4g}, gradient norm "
@@ -105,7 +122,8 @@ def self_npo(
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema_update(target, student, cfg.ema_rate)
-            entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": t.float().mean().item(), "seconds": time.time() - start}
+            mean_t = t.float().mean().item() if dist is None else distributed.mean(t.float().mean().item(), x0.device)
+            entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": mean_t, "seconds": time.time() - start}
             log.append(entry)
             bar.set_postfix(loss=f"{total:.4g}")
             if on_step:

@@ -431,3 +431,30 @@ def test_sample_main_argument_errors(ckpt, tmp_path):
         sample_main(sample_args(ckpt, tmp_path, neg_ckpt=str(ckpt["folder"]), prompts=str(tmp_path / "nope.txt")))
     with pytest.raises(ValueError, match="multiples of 8"):
         sample_main(sample_args(ckpt, tmp_path, neg_ckpt=str(ckpt["folder"]), height=60))
+
+
+def test_sample_one_pass_lora_and_delta_rank_match_two_models(ckpt, bundle, tmp_path, capsys):
+    """sample.py: a LoRA (conv + linear layers) runs in one batched pass and writes the images the two-model path
+    writes (<= 1 / 255); a full delta runs on two models, or in one pass after --delta-rank (error printed)."""
+    lora = random_lora(ckpt["unet"])
+    save_file({f"unet.{n}.lora.{d}.weight": t.contiguous() for n, (a, b) in lora.items() for d, t in (("down", a), ("up", b))},
+              tmp_path / "npo_lora.safetensors")
+    kw = dict(neg_ckpt=str(tmp_path / "npo_lora.safetensors"), steps=3, beta=2.0)
+    sample_main(sample_args(ckpt, tmp_path, out=str(tmp_path / "one"), **kw))
+    assert "one-pass NPO guidance" in capsys.readouterr().out
+    sample_main(sample_args(ckpt, tmp_path, out=str(tmp_path / "two"), two_model=True, **kw))
+    assert "two-model NPO guidance" in capsys.readouterr().out
+    for name in ("npo/0000.png", "npo/0001.png", "base/0001.png"):
+        one, two = (np.asarray(Image.open(tmp_path / d / name)).astype(int) for d in ("one", "two"))
+        assert np.abs(one - two).max() <= 1, name
+    g = torch.Generator().manual_seed(0)
+    full = {k: (v + 0.01 * torch.randn(v.shape, generator=g)).contiguous() for k, v in bundle.denoiser.state_dict().items()}
+    save_file(full, tmp_path / "full_unet.safetensors")  # a fine-tuned UNet in module names
+    sample_main(sample_args(ckpt, tmp_path, out=str(tmp_path / "full"), neg_ckpt=str(tmp_path / "full_unet.safetensors"), steps=2))
+    assert "two-model NPO guidance" in capsys.readouterr().out
+    sample_main(sample_args(ckpt, tmp_path, out=str(tmp_path / "cut"), neg_ckpt=str(tmp_path / "full_unet.safetensors"), steps=2,
+                            delta_rank=4))
+    out = capsys.readouterr().out
+    assert "truncated SVD: relative error" in out and "one-pass NPO guidance" in out
+    with pytest.raises(SystemExit):
+        sample.parse_args(sample_args(ckpt, tmp_path, neg_ckpt="x", delta_rank=0))
