@@ -6,7 +6,13 @@
     python train.py --model sd15 --weights v1-5-pruned-emaonly.safetensors --data DIR --k 5
     python train.py --model cogvideox --weights CogVideoX-2b --data CLIPS --k 5 --dtype bf16 --gradient-checkpointing
     torchrun --nproc_per_node 8 train.py --model sd15 ... --batch-size 10 --grad-accum 1   # batch 80 on 8 GPUs
+    python train.py --model sd15 --weights W --method dpo-npo --pairs pairs.jsonl        # Diffusion-NPO Eq. 8 (LoRA)
+    python train.py --model sd15 --weights W --method reward-npo --reward pickscore --prompts P.txt   # Eq. 7
 
+Diffusion-NPO trainers (npo_min/diffusion_npo.py): dpo-npo (reversed Diffusion-DPO; --no-reverse = DPO, the eta
+of Eq. 10), reward-npo (R_npo = 1 - R, gradients through the last --reward-k steps), guided-reward-npo (the
+authors' video variant: the negative branch trained to raise the guided sample's reward). Their defaults are
+the MODELS table's `npo` row (authors' recipe for sd15: LoRA rank 8, beta 500, lr 5e-6, batch 64).
 Every model reads the same way: the family's pipeline (npo_min/pipelines/) gives the denoiser, the
 unconditional c' and the real-data batches; npo_min/training.py runs the Self-NPO loop (Eq. 13-17);
 npo_min/offsets.py writes delta = trained - base. Per-model defaults: npo_min.pipelines.MODELS.
@@ -26,22 +32,27 @@ from pathlib import Path
 
 import torch
 
-from npo_min import cli, distributed, training
+from npo_min import cli, diffusion_npo, distributed, training
 from npo_min.checkpoint import atomic_write, fingerprint, save_safetensors
 from npo_min.data import clip_caption_pairs, image_caption_pairs
 from npo_min.lora import LORA_FILE, add_lora, parse_targets, save_lora
 from npo_min.offsets import save_delta
+from npo_min.pairs import preference_batches
 from npo_min.pipelines import DTYPES, MODELS, default_weights, load_pipeline
+from npo_min.prompts import read_prompts
 from npo_min.schedule import NoiseSchedule
 from npo_min.self_npo import SelfNPOConfig
 
 SCRIPT, RESUME = "train.py", "resume.pt"
+NPO_METHODS = ("dpo-npo", "reward-npo", "guided-reward-npo")
 PER_MODEL = {"steps": None, "batch_size": None, "grad_accum": 1, "lr": None, "weight_decay": 1e-3,  # flag: fallback
              "resolution": "512", "num_frames": None}
 
 
 def _defaults_help() -> str:
     rows = [f"{name}: " + ", ".join(f"{k} {v}" for k, v in spec.train.items()) for name, spec in MODELS.items()]
+    rows += [f"{name} --method dpo-npo/reward-npo/guided-reward-npo: " + ", ".join(f"{k} {v}" for k, v in spec.npo.items())
+             for name, spec in MODELS.items() if spec.npo]
     rows += [f"{name} --method pretrain: " + ", ".join(f"{k} {v}" for k, v in spec.pretrain.items())
              for name, spec in MODELS.items() if spec.pretrain]
     return "per-model defaults (npo_min/pipelines/__init__.py MODELS):\n  " + "\n  ".join(rows)
@@ -50,12 +61,13 @@ def _defaults_help() -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=_defaults_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits", choices=sorted(MODELS), help="model family (default: digits)")
-    p.add_argument("--method", default="self-npo", choices=["self-npo", "pretrain"],
-                   help="self-npo: TDFT fine-tuning -> delta; pretrain: plain diffusion training of a small model (default: self-npo)")
+    p.add_argument("--method", default="self-npo", choices=["self-npo", *NPO_METHODS, "pretrain"],
+                   help="self-npo: TDFT fine-tuning -> delta; dpo-npo / reward-npo / guided-reward-npo: Diffusion-NPO "
+                        "trainers; pretrain: plain diffusion training of a small model (default: self-npo)")
     p.add_argument("--weights", default=None, help="base checkpoint (digits: weights/digits; sd15: single file or diffusers folder)")
     p.add_argument("--data", default=None, help="text-to-image models: folder of images with same-name .txt captions; "
                    "cogvideox: folder of clips (.gif / .webp / frame folders) with same-name .txt captions")
-    p.add_argument("--out", default="out/self-npo", help="output folder (default: out/self-npo)")
+    p.add_argument("--out", default=None, help="output folder (default: out/METHOD, e.g. out/self-npo)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     g = p.add_argument_group("Self-NPO recipe (Self-NPO Eq. 13-17; defaults = the authors')")
     g.add_argument("--k", type=int, default=5, help="K: truncated DDIM steps per rollout, 1..N (default: 5)")
@@ -67,6 +79,16 @@ def parse_args(argv=None):
     g.add_argument("--loss", default="huber", choices=["huber", "l2"], help="pseudo-Huber or L2 on x0 (default: huber)")
     g.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default: 0.001)")
     g.add_argument("--cond-drop", type=float, default=0.0, help="probability the student is trained on c' instead of c (default: 0)")
+    d = p.add_argument_group("Diffusion-NPO trainers (Diffusion-NPO Eq. 7, 8; unset = the MODELS npo defaults)")
+    d.add_argument("--pairs", default=None, help="dpo-npo: JSON-lines preference pairs {prompt, chosen, rejected, tie?} (npo_min/pairs.py)")
+    d.add_argument("--dpo-beta", type=float, default=None, help="dpo-npo: Diffusion-DPO beta (authors: 500 SD1.5, 2000 SDXL)")
+    d.add_argument("--no-reverse", action="store_true", help="dpo-npo: keep the pairs' order = ordinary Diffusion-DPO (the eta of Eq. 10)")
+    d.add_argument("--reward", default=None, help="reward-npo: reward name (eval/rewards.py: digits-margin, pickscore, hpsv21, aesthetic, ...)")
+    d.add_argument("--reward-weights", default=None, help="reward-npo: folder of the scorers' weights (default: weights/)")
+    d.add_argument("--prompts", default=None, help="reward-npo, text-to-image: prompt file (.txt / .jsonl / .csv); digits: the class names")
+    d.add_argument("--reward-k", type=int, default=None, help="reward-npo: K, denoising steps the gradient flows through (DRaFT-K)")
+    d.add_argument("--sample-steps", type=int, default=None, help="reward-npo: DDIM steps of each training sample")
+    d.add_argument("--guidance-scale", type=float, default=None, help="reward-npo: CFG scale of each training sample")
     lo = p.add_argument_group("LoRA training mode (npo_min/lora.py; the saved file is the LoRA, pytorch_lora_weights.safetensors)")
     lo.add_argument("--lora-rank", type=int, default=None,
                     help="train a LoRA of this rank instead of every weight; 0 = full fine-tuning "
@@ -102,11 +124,25 @@ def parse_args(argv=None):
     if args.method == "pretrain":  # before the defaults below fill the unset flags
         cli.refuse_changed(args, {d: p.get_default(d) for d in SELF_NPO_ONLY},
                            "they set the Self-NPO run, not --method pretrain (its recipe is fixed).")
-    defaults = spec.pretrain if args.method == "pretrain" else spec.train
+    if args.method in NPO_METHODS and not spec.npo:
+        p.error(f"--method {args.method} has no defaults for --model {args.model} yet (MODELS[{args.model!r}].npo).")
+    defaults = spec.pretrain if args.method == "pretrain" else spec.npo if args.method in NPO_METHODS else spec.train
     for key, fallback in PER_MODEL.items():
         if getattr(args, key) is None:
             setattr(args, key, defaults.get(key, fallback))
-    if args.weights is None and args.method == "self-npo":
+    if args.out is None:
+        args.out = f"out/{args.method}"
+    if args.method in NPO_METHODS:
+        for key in ("dpo_beta", "reward", "reward_k", "sample_steps", "guidance_scale", "lora_rank"):
+            if getattr(args, key) is None:
+                setattr(args, key, defaults.get(key))
+        if args.method == "dpo-npo" and args.pairs is None:
+            p.error("--method dpo-npo needs --pairs FILE (JSON lines {prompt, chosen, rejected}; see README).")
+        if args.method != "dpo-npo" and args.pairs is not None:
+            p.error(f"--pairs is for --method dpo-npo, not {args.method}.")
+        if args.resume:
+            p.error(f"--resume is for --method self-npo; a {args.method} run starts over (with --overwrite).")
+    if args.weights is None and args.method != "pretrain":
         args.weights = default_weights(args.model)
     for key in ("steps", "batch_size", "grad_accum"):
         if getattr(args, key) < 1:
@@ -150,7 +186,7 @@ def check_args(args) -> None:
     cli.check_range(args, "weight_decay", 0)
     cli.check_range(args, "save_every", 0)
     spec = MODELS[args.model]
-    if args.method == "self-npo" and args.weights is None:
+    if args.method != "pretrain" and args.weights is None:
         raise ValueError(f"--model {args.model} needs --weights PATH: its base checkpoint (a single .safetensors / "
                          ".ckpt file or a diffusers folder; weights/README.md says where to get it).")
     if spec.pretrain is not None:  # the small models train on their vendored data at their own size
@@ -291,6 +327,52 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
           f"({seconds / args.steps:.2f} s/step), final loss {log[-1]['loss']:.4g}")
 
 
+def run_diffusion_npo(args, out: Path) -> None:
+    """dpo-npo / reward-npo / guided-reward-npo (npo_min/diffusion_npo.py): every input is read and checked
+    (pairs, images, reward) before training starts; the delta or LoRA is written only at the end."""
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer)
+    autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
+    common = dict(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                  grad_accum=args.grad_accum, autocast_dtype=autocast, generator=gen, progress=not args.no_progress)
+    meta = {"base": pipe.name, "model": args.model, "method": args.method, "steps": args.steps, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed}
+    if args.method == "dpo-npo":
+        batches = preference_batches(pipe, args.pairs, args.batch_size, gen, resolution=args.resolution)
+        base = trainable(pipe.denoiser, args)
+        meta |= {"dpo_beta": args.dpo_beta, "reverse": not args.no_reverse, "pairs": args.pairs}
+        start = time.time()
+        log = diffusion_npo.dpo_npo(pipe.denoiser, batches, pipe.schedule, args.dpo_beta, reverse=not args.no_reverse, **common)
+    else:
+        from eval.rewards import load_reward  # the project's scorers; imported only here (keeps --help fast)
+
+        reward = load_reward(args.reward, args.reward_weights, device=args.device)
+        if args.prompts:
+            prompts = read_prompts(args.prompts)
+        elif pipe.class_names:
+            prompts = list(pipe.class_names)
+        else:
+            raise ValueError(f"--method {args.method} --model {args.model} needs --prompts FILE (the prompts to sample).")
+        size = MODELS[args.model].sample
+        height = width = args.resolution if pipe.latent_scale > 1 else size["height"]
+        base = trainable(pipe.denoiser, args)
+        meta |= {"reward": args.reward, "reward_k": args.reward_k, "sample_steps": args.sample_steps,
+                 "guidance_scale": args.guidance_scale, "guided": args.method == "guided-reward-npo"}
+        start = time.time()
+        log = diffusion_npo.reward_npo(
+            pipe.denoiser, pipe.decode_with_grad, reward, prompts, pipe.encode, pipe.null_cond(1),
+            pipe.noise_shape(height, width), pipe.schedule, guided=args.method == "guided-reward-npo",
+            guidance_scale=args.guidance_scale, sample_steps=args.sample_steps, k=args.reward_k,
+            batch_size=args.batch_size, **common)
+    seconds = time.time() - start
+    meta |= {"train_seconds": f"{seconds:.1f}", "command": " ".join(sys.argv)}
+    path = save_offset(pipe.denoiser, base, args, out, meta)
+    write_log(log, out / "loss.csv")
+    print(f"wrote {path}: {args.method}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "
+          f"loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}")
+
+
 def output_files(args) -> list[Path]:
     """Every file this run writes under --out (checked before any work)."""
     out = Path(args.out)
@@ -316,8 +398,8 @@ def main(argv=None):
                                   "or pass --overwrite to start over.")
         cli.check_out(files + ([resume_file] if args.method == "self-npo" and args.save_every else []),
                       args.overwrite, SCRIPT)
-    if distributed.world_size() > 1 and args.method == "pretrain":
-        raise ValueError("--method pretrain runs in one process: start it with python, not torchrun.")
+    if distributed.world_size() > 1 and args.method != "self-npo":
+        raise ValueError(f"--method {args.method} runs in one process: start it with python, not torchrun.")
     dist = distributed.init(args.device)  # None unless started by torchrun
     try:
         if dist:
@@ -326,6 +408,8 @@ def main(argv=None):
             cli.clean_temp(out)  # half-written files of a killed run
         if args.method == "pretrain":
             run_pretrain(args, out)
+        elif args.method in NPO_METHODS:
+            run_diffusion_npo(args, out)
         else:
             run_self_npo(args, out, dist)
         if not dist or dist.main:

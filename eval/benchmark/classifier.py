@@ -53,6 +53,25 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+class DigitMLP(nn.Module):
+    """The judging classifier's architecture (a different one from the reward's CNN, so the two do not share
+    its blind spots): 8x8 digits `(B, 1, 8, 8)` -> flattened 64 pixels -> 2 hidden SiLU layers -> logits `(B, 10)`."""
+
+    def __init__(self, width: int = 256, feature_dim: int = 128, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.config = dict(arch="mlp", width=width, feature_dim=feature_dim, num_classes=num_classes)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+        self.fc = nn.Linear(width, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.fc(self.body(x)))  # (B, 1, 8, 8) -> (B, 64) -> (B, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+ARCHS = {"cnn": DigitClassifier, "mlp": DigitMLP}
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "digits_classifier"
 
 
@@ -60,8 +79,9 @@ def load_classifier(path: str | Path = DEFAULT_WEIGHTS) -> DigitClassifier:
     """Build the classifier from `path/config.json`, strictly load `path/model.safetensors`, eval mode."""
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
-    model = DigitClassifier(**{k: cfg[k] for k in ("width", "feature_dim", "num_classes")})
-    load_into(model, load_state_dict(path), "DigitClassifier")
+    cls = ARCHS[cfg.get("arch", "cnn")]  # configs written before the MLP existed are the CNN
+    model = cls(**{k: cfg[k] for k in ("width", "feature_dim", "num_classes")})
+    load_into(model, load_state_dict(path), cls.__name__)
     return model.eval()
 
 
@@ -86,7 +106,7 @@ def train(args: argparse.Namespace) -> tuple[DigitClassifier, float]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_train, y_train = load_digits("train")
-    model = DigitClassifier(args.width, args.feature_dim)
+    model = ARCHS[args.arch](args.width or (32 if args.arch == "cnn" else 256), args.feature_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * ((len(x_train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
@@ -117,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--noise", type=float, default=0.1, help="std of the Gaussian pixel noise augmentation")
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv layers")
+    p.add_argument("--arch", default="cnn", choices=sorted(ARCHS), help="cnn (the reward / FD model) or mlp (the judge)")
+    p.add_argument("--width", type=int, default=None, help="cnn: channels of the first conv layers (32); mlp: hidden width (256)")
     p.add_argument("--feature-dim", type=int, default=128, help="width of the penultimate feature layer")
     p.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and augmentation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

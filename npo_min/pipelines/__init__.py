@@ -100,6 +100,18 @@ class Pipeline:
     def release_text_encoder(self) -> None:
         """Free the text encoder once every prompt is encoded (families with a large one, e.g. T5-XXL)."""
 
+    def load_pixels(self, path: str | os.PathLike, resolution: int | None = None) -> torch.Tensor:
+        """An image file -> `(C, H, W)` pixels in [-1, 1] as the model sees them (preference pairs, npo_min/pairs.py)."""
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels `(B, C, H, W)` in [-1, 1] -> (mean, std) of the model's x0 (VAE posterior; std 0 in pixel space)."""
+        raise NotImplementedError
+
+    def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
+        """As `decode`, but differentiable (reward fine-tuning back-propagates through it); not clamped."""
+        raise NotImplementedError
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move every module of the pipeline (the denoiser included)."""
         for module in vars(self).values():
@@ -117,6 +129,7 @@ class ModelSpec:
     train: dict = field(default_factory=dict)   # Self-NPO defaults: steps, batch_size, lr, ...
     sample: dict = field(default_factory=dict)  # sampling defaults: guidance_scale, steps, solver, spacing, size
     pretrain: dict | None = None     # `train.py --method pretrain` defaults; None = comes pretrained
+    npo: dict = field(default_factory=dict)  # Diffusion-NPO trainers (dpo-npo, reward-npo, ...) defaults; {} = none yet
 
 
 MODELS = {
@@ -125,14 +138,21 @@ MODELS = {
         "npo_min.pipelines.digits", "weights/digits",
         train=dict(steps=400, batch_size=64, grad_accum=1, lr=1e-4, weight_decay=1e-3),
         sample=dict(guidance_scale=3.0, steps=25, solver="ddim", spacing="trailing", height=8, width=8, batch_size=100),
-        pretrain=dict(steps=4000, batch_size=128, lr=1e-3)),  # AdamW, warm-up + cosine, 10% label dropout, EMA 0.999
+        pretrain=dict(steps=4000, batch_size=128, lr=1e-3),  # AdamW, warm-up + cosine, 10% label dropout, EMA 0.999
+        # Sized for 2 CPU cores; beta and lr chosen on this model (README, Diffusion-NPO on digits), LoRA rank as the authors'.
+        npo=dict(steps=200, batch_size=64, grad_accum=1, lr=1e-3, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward="digits-margin", reward_k=1, sample_steps=10, guidance_scale=3.0)),
     # The authors' SD1.5 recipe (Self-NPO/train.sh): lr 1e-6, AdamW wd 1e-3, 1000 steps, batch 80 = 20 x 4
     # accumulation on one GPU; sampling as their evaluation: DPM-Solver++(2M) 25 steps, scale 7.5, 512 px.
     # Their DPMSolverMultistep used "linspace" spacing (999, 959, ..., 40); "trailing" (999, ..., 39) is the nearest here.
     "sd15": ModelSpec(
         "npo_min.pipelines.sd15", None,
         train=dict(steps=1000, batch_size=20, grad_accum=4, lr=1e-6, weight_decay=1e-3),
-        sample=dict(guidance_scale=7.5, steps=25, solver="dpmpp_2m", spacing="trailing", height=512, width=512, batch_size=4)),
+        sample=dict(guidance_scale=7.5, steps=25, solver="dpmpp_2m", spacing="trailing", height=512, width=512, batch_size=4),
+        # The authors' Diffusion-NPO DPO recipe (REFERENCE.md): LoRA rank 8 on to_q/to_k/to_v/to_out.0, beta 500
+        # (SDXL: 2000), lr 5e-6, batch 64 = 8 x 8 accumulation, 2000 steps; reward-NPO: DRaFT-1 on PickScore.
+        npo=dict(steps=2000, batch_size=8, grad_accum=8, lr=5e-6, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward="pickscore", reward_k=1, sample_steps=25, guidance_scale=7.5)),
     # CogVideoX 2B / 5B (the authors' repository has no CogVideoX code; the paper states no video recipe).
     # Sampling is CogVideoXPipeline's: scale 6, 50 DDIM steps, trailing, 49 frames at 480 x 720, c' = T5("").
     # Self-NPO: the step is the paper's (N 25, K 5, w -1, EMA 0.999, pseudo-Huber 0.001: train.py's flags);

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..checkpoint import load_state_dict
 from ..data import MappedBatches, shuffled_batches
@@ -43,6 +45,20 @@ class DigitsPipeline(Pipeline):
 
     def decode(self, x0):
         return x0.clamp(-1, 1)  # pixel space
+
+    def load_pixels(self, path, resolution=None):
+        """An 8x8 greyscale PNG (as sample.py writes) -> `(1, 8, 8)` in [-1, 1]; ValueError for another size."""
+        with Image.open(path) as im:
+            if im.size != (8, 8):
+                raise ValueError(f"{path} is {im.size[0]}x{im.size[1]}: the digits model takes 8x8 images.")
+            x = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32).copy())
+        return (x / 127.5 - 1.0)[None]  # (8, 8) -> (1, 8, 8), the inverse of images.to_pil
+
+    def encode_pixels(self, pixels):
+        return pixels.float(), torch.zeros_like(pixels, dtype=torch.float32)
+
+    def decode_with_grad(self, x0):
+        return x0
 
     def read_weights(self, path):
         path = Path(path)

@@ -97,6 +97,21 @@ class SD15Pipeline(Pipeline):
     def read_weights(self, path):
         return read_unet_weights(path, self.config.unet)
 
+    def load_pixels(self, path, resolution=512):
+        if resolution % self.vae.downscale:
+            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
+        return load_image(path, resolution)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels):
+        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
+        vae, sf = self.vae, self.vae.cfg.scaling_factor
+        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
+        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
+
+    def decode_with_grad(self, x0):
+        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
+
     def self_npo_batches(self, data, batch_size, generator, resolution=512):
         """Every image of `data` encoded once with the frozen VAE, its caption once with CLIP; each batch then
         draws fresh latents `scaling_factor * (mean + std * eps)` from the stored posterior, as the authors'
