@@ -3,6 +3,7 @@
     python sample.py --neg-ckpt out/self-npo/delta.safetensors            # digits: 8 samples of each class
     python sample.py --model sd15 --weights PATH --neg-ckpt delta.safetensors --prompts prompts.txt
     python sample.py --model cogvideox --weights CogVideoX-2b --neg-ckpt delta.safetensors --prompts prompts.txt --dtype bf16
+    python sample.py --model sdxl --weights sd_xl_base_1.0.safetensors --tokenizer DIR --neg-ckpt delta.safetensors --prompts p.txt
 
 Guidance (Diffusion-NPO Eq. 9, 10): eps = eps_neg + s (eps_pos - eps_neg), s = guidance_scale = w + 1;
 positive weights theta_pos = theta + eta (eta from --pos-ckpt, else 0), negative weights
@@ -122,6 +123,7 @@ def main(argv=None) -> list[Path]:
         raise ValueError(f"--num-frames is for video models; --model {args.model} makes images.")
     frames = {"num_frames": args.num_frames} if pipe.video else {}
     pipe.noise_shape(args.height, args.width, **frames)  # refuses an impossible size before any work
+    pipe.set_image_size(args.height, args.width)  # SDXL conditions on it (time ids); others ignore it
     out, ext = Path(args.out), "gif" if pipe.video else "png"
     names = [f"{kind}/{i:04d}.{ext}" for i in range(len(prompts)) for kind in ("base", "npo")] + ["grid.png"]
     files = cli.check_out([out / name for name in names] + [out / "args.json"], args.overwrite, SCRIPT)[:-1]

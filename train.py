@@ -46,7 +46,7 @@ from npo_min.self_npo import SelfNPOConfig
 SCRIPT, RESUME = "train.py", "resume.pt"
 NPO_METHODS = ("dpo-npo", "reward-npo", "guided-reward-npo")
 PER_MODEL = {"steps": None, "batch_size": None, "grad_accum": 1, "lr": None, "weight_decay": 1e-3,  # flag: fallback
-             "resolution": "512", "num_frames": None}
+             "rollout_w": -1.0, "resolution": 512, "num_frames": None}
 
 
 def _defaults_help() -> str:
@@ -72,7 +72,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("Self-NPO recipe (Self-NPO Eq. 13-17; defaults = the authors')")
     g.add_argument("--k", type=int, default=5, help="K: truncated DDIM steps per rollout, 1..N (default: 5)")
     g.add_argument("--num-grid", type=int, default=25, help="N: DDIM grid size over T = 1000 (default: 25)")
-    g.add_argument("--rollout-w", type=float, default=-1.0, help="guidance weight w inside the rollout; -1 = unconditional (default: -1)")
+    g.add_argument("--rollout-w", type=float, default=None, help="guidance weight w inside the rollout; -1 = unconditional "
+                   "(default: per model: -1; sdxl -5 as the authors' train_xl.sh)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA rate of the target model (default: 0.999)")
     g.add_argument("--start", default="data", choices=["data", "noise"], help="rollout start: real data noised (Eq. 14) or pure noise (Eq. 13) (default: data)")
     g.add_argument("--renoise", default="eq16", choices=["eq16", "eq15"], help="eq16 = TDFT; eq15 = naive truncation ablation (default: eq16)")
@@ -110,7 +111,7 @@ def parse_args(argv=None):
     m = p.add_argument_group("model loading and memory")
     m.add_argument("--config", default=None, help="architecture preset of the family (default: the checkpoint's own / the full model)")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file weights (vocab.json, merges.txt)")
-    m.add_argument("--resolution", default=None, help="training resolution in pixels: N (square) or HxW (video); per-model default (sd15 512, cogvideox 480x720)")
+    m.add_argument("--resolution", default=None, help="training resolution in pixels: N (square) or HxW (video); default per model: 512; sdxl 1024; cogvideox 480x720")
     m.add_argument("--num-frames", type=int, default=None, help="video models: frames per training clip, 4k + 1 (cogvideox default: 49)")
     m.add_argument("--text-dtype", default=None, choices=sorted(DTYPES), help="text encoder weights dtype if not fp32 (cogvideox: bf16 halves T5-XXL's 19 GB)")
     m.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype; weights stay fp32 (default: fp32)")

@@ -64,7 +64,9 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
         raise ValueError(f"{path} is not a readable image ({e}): remove or replace it.") from None
-    return to_tensor(resize_crop(img, resolution, resolution))
+    left, top, width, height = centre_crop_box(img.size, resolution)
+    img = img.resize((width, height), Image.LANCZOS).crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (H, W, 3) -> (3, H, W)
 
 
 def clip_caption_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
@@ -120,6 +122,14 @@ def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int)
         raise ValueError(f"clip {path} has {len(frames)} frames but {num_frames} are needed (--num-frames): "
                          "use longer clips or fewer frames (4k + 1, e.g. 9, 13, 49).")
     return torch.stack([to_tensor(resize_crop(f, height, width)) for f in frames[:num_frames]], dim=1)  # (3, F, H, W)
+
+
+def centre_crop_box(size: tuple[int, int], resolution: int) -> tuple[int, int, int, int]:
+    """load_image's geometry for an image of `size` (width, height): (left, top) of the crop in the resized
+    image, and that resized (width, height). SDXL's crop time ids are (top, left)."""
+    scale = resolution / min(size)
+    width, height = max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale))
+    return (width - resolution) // 2, (height - resolution) // 2, width, height
 
 
 class ShuffledBatches:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .guidance import expand_cond, guided_denoiser, where_cond
+from .guidance import expand_cond, guided_denoiser, share_cond, where_cond
 from .schedule import NoiseSchedule, add_noise, renoise_eq15, renoise_eq16, to_eps, to_x0
 
 
@@ -170,7 +170,7 @@ def tdft_loss(student, x_t, t, x0_target, cond, null, schedule: NoiseSchedule, c
     context = cond
     if cfg.cond_drop > 0:
         drop = _draw(torch.rand, (x_t.shape[0],), generator).to(x_t.device) < cfg.cond_drop
-        context = where_cond(drop, expand_cond(null, x_t.shape[0]), cond)
+        context = where_cond(drop, share_cond(expand_cond(null, x_t.shape[0]), cond), cond)
     x0_pred = to_x0(student(x_s, s, context), x_s, alpha_s, sigma_s, prediction_type)
     d = x0_pred.float() - x0_target.float()
     return pseudo_huber(d, cfg.huber_c).mean() if cfg.loss == "huber" else (d**2).mean()

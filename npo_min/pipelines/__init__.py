@@ -78,6 +78,10 @@ class Pipeline:
             raise ValueError(f"--height and --width must be positive multiples of {s}; got {height} x {width}.")
         return (self.denoiser.cfg.in_channels, height // s, width // s)
 
+    def set_image_size(self, height: int, width: int) -> None:
+        """The size `encode` conditions on, for families whose conditioning includes it (SDXL's time ids);
+        the others ignore it."""
+
     def noise(self, n: int, first_seed: int, height: int, width: int, **frames) -> torch.Tensor:
         """x_T ~ N(0, I) `(n, *noise_shape)`, float32 on the CPU; sample i from a generator seeded first_seed + i,
         so a sample does not depend on the batch it is drawn in. Video families take `num_frames=`."""
@@ -153,6 +157,14 @@ MODELS = {
         # (SDXL: 2000), lr 5e-6, batch 64 = 8 x 8 accumulation, 2000 steps; reward-NPO: DRaFT-1 on PickScore.
         npo=dict(steps=2000, batch_size=8, grad_accum=8, lr=5e-6, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
                  reward="pickscore", reward_k=1, sample_steps=25, guidance_scale=7.5)),
+    # The authors' SDXL recipe (Self-NPO/train_xl.py, train_xl.sh): lr 1e-7, AdamW weight decay 0, 1000 steps, batch 10,
+    # 1024 px, rollout w = -5 with zero unconditional embeddings (K 5 of N 25, EMA 0.999, pseudo-Huber 0.001 are the
+    # shared defaults); sampling as their gen_xl.py: DPM-Solver++(2M) 25 steps, scale 5, 1024 px (`--solver euler`
+    # is the other usual SDXL sampler); "leading" spacing with offset 1, as the scheduler config SDXL ships.
+    "sdxl": ModelSpec(
+        "npo_min.pipelines.sdxl", None,
+        train=dict(steps=1000, batch_size=10, grad_accum=1, lr=1e-7, weight_decay=0.0, rollout_w=-5.0, resolution=1024),
+        sample=dict(guidance_scale=5.0, steps=25, solver="dpmpp_2m", spacing="leading", height=1024, width=1024, batch_size=2)),
     # CogVideoX 2B / 5B (the authors' repository has no CogVideoX code; the paper states no video recipe).
     # Sampling is CogVideoXPipeline's: scale 6, 50 DDIM steps, trailing, 49 frames at 480 x 720, c' = T5("").
     # Self-NPO: the step is the paper's (N 25, K 5, w -1, EMA 0.999, pseudo-Huber 0.001: train.py's flags);
