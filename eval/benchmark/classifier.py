@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from npo_min.checkpoint import atomic_write, check_writable, load_into, load_state_dict, save_safetensors
+from npo_min import cli
+from npo_min.checkpoint import atomic_write, load_into, load_state_dict, save_safetensors
 from npo_min.digits import NUM_CLASSES, load_digits
 from npo_min.fashion import load_fashion
 
@@ -138,7 +139,7 @@ def train(args: argparse.Namespace) -> tuple[DigitClassifier, float]:
     x_train, y_train = DATA[args.model]("train")
     fashion = args.model == "fashion"
     if fashion and args.arch != "cnn":
-        raise SystemExit("error: --arch mlp is the digits judge (64 input pixels); the fashion classifier is --arch cnn.")
+        raise ValueError("--arch mlp is the digits judge (64 input pixels); the fashion classifier is --arch cnn.")
     model = DigitClassifier(args.width, args.feature_dim, side=28) if fashion else ARCHS[args.arch](args.width, args.feature_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * ((len(x_train) + args.batch_size - 1) // args.batch_size)
@@ -183,11 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, key) is None:
             setattr(args, key, digits if args.model == "digits" else fashion)
     out = Path(args.out or WEIGHTS[args.model])
-    try:  # fail before training, not after
-        for name in ("model.safetensors", "config.json"):
-            check_writable(out / name, args.overwrite)
-    except (FileExistsError, PermissionError) as e:
-        sys.exit(f"error: {e}")
+    cli.check_out([out / "model.safetensors", out / "config.json"], args.overwrite, "eval.benchmark.classifier")  # before training
 
     t0 = time.time()
     model, test_acc = train(args)
@@ -205,4 +202,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
