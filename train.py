@@ -4,6 +4,7 @@
     python train.py --k 25 --start noise             # the paper's full-simulation baseline
     python train.py --method pretrain --out weights/digits --overwrite   # remake the shipped base model
     python train.py --model sd15 --weights v1-5-pruned-emaonly.safetensors --data DIR --k 5
+    python train.py --model cogvideox --weights CogVideoX-2b --data CLIPS --k 5 --dtype bf16 --gradient-checkpointing
     torchrun --nproc_per_node 8 train.py --model sd15 ... --batch-size 10 --grad-accum 1   # batch 80 on 8 GPUs
     python train.py --model sd15 --weights W --method dpo-npo --pairs pairs.jsonl        # Diffusion-NPO Eq. 8 (LoRA)
     python train.py --model sd15 --weights W --method reward-npo --reward pickscore --prompts P.txt   # Eq. 7
@@ -33,7 +34,7 @@ import torch
 
 from npo_min import cli, diffusion_npo, distributed, training
 from npo_min.checkpoint import atomic_write, fingerprint, save_safetensors
-from npo_min.data import image_caption_pairs
+from npo_min.data import clip_caption_pairs, image_caption_pairs
 from npo_min.lora import LORA_FILE, add_lora, parse_targets, save_lora
 from npo_min.offsets import save_delta
 from npo_min.pairs import preference_batches
@@ -44,7 +45,8 @@ from npo_min.self_npo import SelfNPOConfig
 
 SCRIPT, RESUME = "train.py", "resume.pt"
 NPO_METHODS = ("dpo-npo", "reward-npo", "guided-reward-npo")
-PER_MODEL = {"steps": None, "batch_size": None, "grad_accum": 1, "lr": None, "weight_decay": 1e-3}  # flag: fallback
+PER_MODEL = {"steps": None, "batch_size": None, "grad_accum": 1, "lr": None, "weight_decay": 1e-3,  # flag: fallback
+             "rollout_w": -1.0, "resolution": 512, "num_frames": None}
 
 
 def _defaults_help() -> str:
@@ -63,13 +65,15 @@ def parse_args(argv=None):
                    help="self-npo: TDFT fine-tuning -> delta; dpo-npo / reward-npo / guided-reward-npo: Diffusion-NPO "
                         "trainers; pretrain: plain diffusion training of a small model (default: self-npo)")
     p.add_argument("--weights", default=None, help="base checkpoint (digits: weights/digits; sd15: single file or diffusers folder)")
-    p.add_argument("--data", default=None, help="text-to-image models: folder of images with same-name .txt captions")
+    p.add_argument("--data", default=None, help="text-to-image models: folder of images with same-name .txt captions; "
+                   "cogvideox: folder of clips (.gif / .webp / frame folders) with same-name .txt captions")
     p.add_argument("--out", default=None, help="output folder (default: out/METHOD, e.g. out/self-npo)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     g = p.add_argument_group("Self-NPO recipe (Self-NPO Eq. 13-17; defaults = the authors')")
     g.add_argument("--k", type=int, default=5, help="K: truncated DDIM steps per rollout, 1..N (default: 5)")
     g.add_argument("--num-grid", type=int, default=25, help="N: DDIM grid size over T = 1000 (default: 25)")
-    g.add_argument("--rollout-w", type=float, default=-1.0, help="guidance weight w inside the rollout; -1 = unconditional (default: -1)")
+    g.add_argument("--rollout-w", type=float, default=None, help="guidance weight w inside the rollout; -1 = unconditional "
+                   "(default: per model: -1; sdxl -5 as the authors' train_xl.sh)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA rate of the target model (default: 0.999)")
     g.add_argument("--start", default="data", choices=["data", "noise"], help="rollout start: real data noised (Eq. 14) or pure noise (Eq. 13) (default: data)")
     g.add_argument("--renoise", default="eq16", choices=["eq16", "eq15"], help="eq16 = TDFT; eq15 = naive truncation ablation (default: eq16)")
@@ -107,7 +111,9 @@ def parse_args(argv=None):
     m = p.add_argument_group("model loading and memory")
     m.add_argument("--config", default=None, help="architecture preset of the family (default: the checkpoint's own / the full model)")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file weights (vocab.json, merges.txt)")
-    m.add_argument("--resolution", type=int, default=512, help="text-to-image training resolution in pixels (default: 512)")
+    m.add_argument("--resolution", default=None, help="training resolution in pixels: N (square) or HxW (video); default per model: 512; sdxl 1024; cogvideox 480x720")
+    m.add_argument("--num-frames", type=int, default=None, help="video models: frames per training clip, 4k + 1 (cogvideox default: 49)")
+    m.add_argument("--text-dtype", default=None, choices=sorted(DTYPES), help="text encoder weights dtype if not fp32 (cogvideox: bf16 halves T5-XXL's 19 GB)")
     m.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype; weights stay fp32 (default: fp32)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if present)")
@@ -144,6 +150,12 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(args, key)}).")
     if not args.lr > 0:
         p.error(f"--lr must be > 0 (got {args.lr}).")
+    try:
+        args.resolution = parse_resolution(args.resolution)
+    except ValueError as e:
+        p.error(str(e))
+    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
+        p.error(f"--num-frames {args.num_frames} is not 4k + 1 (e.g. 9, 13, 49): the video VAE compresses time by 4.")
     if args.lora_rank is None:
         args.lora_rank = 0
     if args.lora_rank < 0 or (args.lora_rank and args.method == "pretrain"):
@@ -151,6 +163,14 @@ def parse_args(argv=None):
     if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_targets is not None):
         p.error("--lora-alpha / --lora-targets need --lora-rank > 0.")
     return args
+
+
+def parse_resolution(value) -> int | tuple[int, int]:
+    """"512" -> 512 (square images); "480x720" -> (480, 720) (height x width, video). Raises ValueError."""
+    parts = str(value).lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--resolution must be N or HxW in pixels (e.g. 512, 480x720); got {value!r}.")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
 
 
 RUN_CONTROL = {"steps", "resume", "overwrite", "no_progress", "save_every", "device"}  # may change on --resume
@@ -173,8 +193,11 @@ def check_args(args) -> None:
     if spec.pretrain is not None:  # the small models train on their vendored data at their own size
         cli.refuse_changed(args, {"data": None, "resolution": 512, "tokenizer": None},
                            f"--model {args.model} trains on its vendored data at its own size.")
-    if args.data is not None:
-        image_caption_pairs(args.data)  # a missing folder / captions are refused before the weights load
+    video = "num_frames" in spec.train  # the video families (their defaults name a frame count) train on clips
+    if not video and (args.num_frames is not None or isinstance(args.resolution, tuple)):
+        raise ValueError(f"--num-frames and --resolution HxW are for video models; --model {args.model} takes --resolution N.")
+    if args.data is not None:  # a missing folder / captions are refused before the weights load
+        (clip_caption_pairs if video else image_caption_pairs)(args.data)
 
 
 # flags that set the Self-NPO run only: refused with --method pretrain (its recipe is fixed, see training.pretrain)
@@ -260,11 +283,15 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
                         renoise=args.renoise, loss=args.loss, huber_c=args.huber_c, cond_drop=args.cond_drop)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer)
-    batches = pipe.self_npo_batches(args.data, args.batch_size * world, gen, resolution=args.resolution)
+    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer,
+                         text_dtype=DTYPES.get(args.text_dtype))
+    video = {"num_frames": args.num_frames} if pipe.video else {}
+    batches = pipe.self_npo_batches(args.data, args.batch_size * world, gen, resolution=args.resolution, **video)
     if dist:  # every rank draws the global batch and keeps its rows
         batches = distributed.ShardedBatches(batches, dist.rank, dist.world)
     null, unet, schedule, base_name = pipe.null_cond(1), pipe.denoiser, pipe.schedule, pipe.name
+    prediction_type = pipe.prediction_type
+    pipe.release_text_encoder()
     del pipe  # the frozen encoders / VAE are not needed any more: the batches hold what they encoded
     base = trainable(unet, args)
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
@@ -275,7 +302,8 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
     try:
         log = training.self_npo(unet, batches, null, schedule, cfg, args.steps, args.lr, args.weight_decay,
                                 args.grad_clip, args.grad_accum, autocast, gen, progress=not args.no_progress,
-                                resume=resume, save=save, save_every=args.save_every, dist=dist)
+                                resume=resume, save=save, save_every=args.save_every, dist=dist,
+                                prediction_type=prediction_type)
     except training.NonFiniteError as e:
         kept = f" The last good state is in {resume_file} (--resume continues from it)." if resume_file.is_file() else ""
         raise training.NonFiniteError(e.step, f"{e} Nothing was written.{kept}") from None

@@ -12,6 +12,11 @@ One training step, with a frozen-gradient *target* model (an EMA of the trained 
   5. loss:    || x_{t->0} - f_theta(x_s, s, c) ||, f_theta = the student's x0 prediction (Eq. 17),
               L2 or pseudo-Huber sqrt(d^2 + c^2) - c.
 K = N from pure noise is the paper's full-simulation baseline (every rollout reaches t = 0).
+
+v-prediction models (CogVideoX) run the same step: every model output goes through
+`schedule.to_x0` / `to_eps` (x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v), so the rollout, the
+Tweedie target and the student's x0 prediction are the same quantities as under eps-prediction (the paper
+converts v the same way; the conversion itself is exact algebra, tests/test_cogvideox_schedule.py).
 delta = student - base is the NPO offset used in theta_neg = theta + beta * delta.
 """
 
@@ -24,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .guidance import expand_cond, guided_denoiser, where_cond
-from .schedule import NoiseSchedule, add_noise, eps_to_x0, renoise_eq15, renoise_eq16
+from .guidance import expand_cond, guided_denoiser, share_cond, where_cond
+from .schedule import NoiseSchedule, add_noise, renoise_eq15, renoise_eq16, to_eps, to_x0
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ def _draw(fn, shape, generator, **kwargs) -> torch.Tensor:
 
 @torch.no_grad()
 def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: SelfNPOConfig, generator=None,
-                      start_index: torch.Tensor | None = None, trajectory: list | None = None):
+                      start_index: torch.Tensor | None = None, trajectory: list | None = None,
+                      prediction_type: str = "epsilon"):
     """Steps 1-3: returns `(x_t, t, x0_target)`: end state `(B, ...)`, its timesteps `(B,)` in 0..T-1,
     and the target model's Tweedie estimate at (x_t, t).
 
@@ -97,6 +103,8 @@ def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: Self
     cond / null: conditioning c and c' (`(B, L, D)` or a dict of batched tensors; null may have batch 1).
     The rollout's guidance is `guidance.cfg` with scale rollout_w + 1 (w = -1: only the c' branch runs).
     Samples reaching the grid's end step onto t = 0 (alphas_cumprod[0]) and stop moving.
+    prediction_type: what `target` outputs, "epsilon" or "v_prediction" (converted to eps and x0 through the
+    schedule, so a zero-terminal-SNR grid top, alpha = 0, stays finite).
 
     Optional, for inspection (npo_min/figures.py); the defaults leave the results unchanged:
     start_index: `(B,)` grid indices 0..N-1 of t' (start = "data" only) instead of the uniform draw;
@@ -118,8 +126,9 @@ def truncated_rollout(target, x0, cond, null, schedule: NoiseSchedule, cfg: Self
     for i in range(cfg.k + 1):
         t = torch.where(idx >= 0, grid[idx.clamp(min=0)], torch.zeros_like(idx))
         alpha, sigma = schedule.coefs(t, x)
-        eps = rollout_eps(x, t)
-        x0_hat = eps_to_x0(x, eps, alpha, sigma)  # Tweedie, Eq. 12
+        out = rollout_eps(x, t)  # the guided model output: eps or v
+        x0_hat = to_x0(out, x, alpha, sigma, prediction_type)  # Tweedie, Eq. 12
+        eps = to_eps(out, x, alpha, sigma, prediction_type)
         if trajectory is not None:
             trajectory.append((x, t, x0_hat))
         if i == cfg.k:
@@ -143,8 +152,12 @@ def pseudo_huber(d: torch.Tensor, c: float) -> torch.Tensor:
     return torch.sqrt(d**2 + c**2) - c
 
 
-def tdft_loss(student, x_t, t, x0_target, cond, null, schedule: NoiseSchedule, cfg: SelfNPOConfig, generator=None):
-    """Steps 4-5 (Eq. 16, 17): the student's x0 prediction at (x_s, s) regressed on x0_target; scalar."""
+def tdft_loss(student, x_t, t, x0_target, cond, null, schedule: NoiseSchedule, cfg: SelfNPOConfig, generator=None,
+              prediction_type: str = "epsilon"):
+    """Steps 4-5 (Eq. 16, 17): the student's x0 prediction at (x_s, s) regressed on x0_target; scalar.
+
+    prediction_type: what `student` outputs ("epsilon" | "v_prediction"), turned into x0 by `schedule.to_x0`.
+    """
     T = schedule.num_train_timesteps
     s = sample_s(t, T, generator)
     z = _draw(torch.randn, x_t.shape, generator, dtype=x_t.dtype).to(x_t.device)
@@ -157,8 +170,8 @@ def tdft_loss(student, x_t, t, x0_target, cond, null, schedule: NoiseSchedule, c
     context = cond
     if cfg.cond_drop > 0:
         drop = _draw(torch.rand, (x_t.shape[0],), generator).to(x_t.device) < cfg.cond_drop
-        context = where_cond(drop, expand_cond(null, x_t.shape[0]), cond)
-    x0_pred = eps_to_x0(x_s, student(x_s, s, context), alpha_s, sigma_s)
+        context = where_cond(drop, share_cond(expand_cond(null, x_t.shape[0]), cond), cond)
+    x0_pred = to_x0(student(x_s, s, context), x_s, alpha_s, sigma_s, prediction_type)
     d = x0_pred.float() - x0_target.float()
     return pseudo_huber(d, cfg.huber_c).mean() if cfg.loss == "huber" else (d**2).mean()
 

@@ -50,6 +50,7 @@ def self_npo(
     generator: torch.Generator | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    prediction_type: str = "epsilon",
     resume: dict | None = None,
     save: Callable[[dict], None] | None = None,
     save_every: int = 0,
@@ -58,6 +59,7 @@ def self_npo(
     """Fine-tune `student` in place with TDFT; the EMA target starts as a copy of it.
 
     null_context: `(1, L, D)` the c' used inside the rollout (and for cond_drop).
+    prediction_type: the student's output, "epsilon" (SD, digits) or "v_prediction" (CogVideoX).
     Authors' SD1.5 defaults: AdamW lr 1e-6, weight decay 1e-3, grad clip 1.0, constant LR,
     1000 steps at batch 80. Returns the per-step log.
 
@@ -105,8 +107,10 @@ def self_npo(
                 sync = model.no_sync() if dist is not None and micro < grad_accum - 1 else contextlib.nullcontext()
                 with sync:  # DDP: no gradient all-reduce until the last micro-step
                     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator)
-                        loss = tdft_loss(model, x_t, t, x0_target, cond, null_context, schedule, cfg, generator) / grad_accum
+                        x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator,
+                                                              prediction_type=prediction_type)
+                        loss = tdft_loss(model, x_t, t, x0_target, cond, null_context, schedule, cfg, generator,
+                                         prediction_type) / grad_accum
                     loss.backward()
                 total += loss.item()
             if dist is not None:
