@@ -8,6 +8,7 @@ diffusers folder (unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_
 transformers' own save_pretrained. diffusers / transformers are oracles only.
 """
 
+import copy
 import csv
 import json
 import shutil
@@ -30,6 +31,7 @@ from npo_min.data import image_caption_pairs, load_image
 from npo_min.offsets import load_offset, save_delta
 from npo_min.pipelines.sd15 import load as load_sd15
 from npo_min.pipelines.sdxl import load as load_sdxl
+from npo_min.unet import UNet2DConditionModel
 from npo_min.sdxl import PRESETS, checkpoint_family, read_single_file, text_2_from_open_clip, time_ids
 from test_scorers import hf_to_open_clip_by_hand
 from test_sd15 import make_data
@@ -215,12 +217,26 @@ def test_sample_main_matches_stable_diffusion_xl_pipeline(ckpt, bundle, tmp_path
     assert ours.shape == (64, 96, 3) and diff.max() <= 1
     npo = np.asarray(Image.open(out / "npo" / "0001.png")).astype(int)
     assert np.abs(npo - ours).max() > 0  # the offset on the negative model changes the guided sample
+    # Euler, the other usual SDXL sampler: the same pipeline with SDXL's EulerDiscreteScheduler config
+    sample.main(["--model", "sdxl", "--weights", str(ckpt["folder"]), "--prompts", str(prompts), "--out", str(tmp_path / "euler"),
+                 "--neg-ckpt", str(tmp_path / "neg.safetensors"), "--steps", "12", "--height", "64", "--width", "96", "--seed", "5",
+                 "--solver", "euler", "--no-progress", "--device", "cpu"])
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                      timestep_spacing="leading", steps_offset=1)
+    with torch.no_grad():
+        image = pipe("an oil painting of a castle", height=64, width=96, num_inference_steps=12, guidance_scale=5.0,
+                     latents=noise, output_type="np").images[0]
+    euler = np.asarray(Image.open(tmp_path / "euler" / "base" / "0001.png")).astype(int)
+    diff = np.abs(euler - (image * 255).round().astype(int))
+    print(f"sample.py --model sdxl --solver euler vs StableDiffusionXLPipeline + EulerDiscreteScheduler: max {diff.max()} / 255")
+    assert diff.max() <= 1
 
 
 def test_train_two_steps_writes_a_delta_that_loads_back(ckpt, bundle, tmp_path):
     data, out = make_data(tmp_path / "data"), tmp_path / "out"
     train.main(["--model", "sdxl", "--weights", str(ckpt["folder"]), "--data", str(data), "--steps", "2", "--batch-size", "2",
-                "--resolution", "64", "--out", str(out), "--no-progress", "--device", "cpu"])
+                "--resolution", "64", "--out", str(out), "--no-progress", "--device", "cpu",
+                "--dtype", "bf16", "--gradient-checkpointing"])  # autocast bf16 with checkpointing, weights fp32
     args = json.loads((out / "args.json").read_text())
     assert (args["rollout_w"], args["lr"], args["weight_decay"]) == (-5.0, 1e-7, 0.0)  # the authors' SDXL recipe
     rows = list(csv.DictReader(open(out / "loss.csv")))
@@ -283,3 +299,35 @@ def test_lora_for_the_other_family_is_refused(bundle, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit weight .* another model") as err:
         load_offset(tmp_path / "wrong_width.safetensors", base)
     assert "\n" not in str(err.value)
+
+
+def test_lora_delta_matches_diffusers_peft_loading(ckpt, bundle, tmp_path):
+    """A PEFT-format SDXL LoRA (attention, the linear proj_in, the added embedding): our theta + delta equals
+    diffusers' UNet after `load_lora_adapter` + `fuse_lora`, lora_alpha from the file's metadata."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (requirements-test.txt)")
+    base, g, rank = bundle.denoiser.state_dict(), torch.Generator().manual_seed(4), 4
+    layers = ["down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+              "mid_block.attentions.0.proj_in", "add_embedding.linear_1"]
+    peft_sd = {}
+    for name in layers:
+        w = base[name + ".weight"]
+        peft_sd[f"unet.{name}.lora_A.weight"] = 0.05 * torch.randn(rank, w.shape[1], generator=g)
+        peft_sd[f"unet.{name}.lora_B.weight"] = 0.05 * torch.randn(w.shape[0], rank, generator=g)
+    meta = {f"unet.{k}": v for k, v in {"r": rank, "lora_alpha": 8, "target_modules": layers}.items()}
+    save_file(peft_sd, tmp_path / "sdxl_lora.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    delta = load_offset(tmp_path / "sdxl_lora.safetensors", base)
+    assert sorted(delta) == sorted(f"{n}.weight" for n in layers)
+    ours = UNet2DConditionModel(TINY.unet).eval()
+    ours.load_state_dict({k: base[k] + delta.get(k, 0) for k in base})
+    ref = copy.deepcopy(ckpt["unet"]).eval()
+    ref.load_lora_adapter(dict(peft_sd), prefix="unet", adapter_name="npo", metadata=meta)
+    ref.fuse_lora(lora_scale=1.0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 600])
+    ctx = dict(encoder_hidden_states=torch.randn(2, 77, 48, generator=g), text_embeds=torch.randn(2, 32, generator=g),
+               time_ids=time_ids((64, 64), (0, 0), (64, 64), 2))
+    with torch.no_grad():
+        got, plain = ours(x, t, ctx), bundle.denoiser(x, t, ctx)
+        fused = ref(x, t, encoder_hidden_states=ctx["encoder_hidden_states"],
+                    added_cond_kwargs={k: ctx[k] for k in ("text_embeds", "time_ids")}).sample
+    print(f"SDXL LoRA vs diffusers+peft fused: {maxerr(got, fused):.3g} (effect {maxerr(plain, fused):.3g})")
+    assert maxerr(got, fused) <= TOL and maxerr(plain, fused) > 1e-3
