@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import json
 import sys
 import time
 from pathlib import Path

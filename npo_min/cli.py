@@ -49,7 +49,7 @@ def run(main: Callable, argv: list[str] | None = None) -> None:
         print(f"interrupted: {e}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
-        print("interrupted: nothing was saved.", file=sys.stderr)
+        print("interrupted: files already written are complete (atomic writes); nothing else was saved.", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except KNOWN_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from npo_min.checkpoint import atomic_write, check_writable, load_into, load_state_dict, save_safetensors
+from npo_min import cli
+from npo_min.checkpoint import atomic_write, load_into, load_state_dict, save_safetensors
 from npo_min.digits import NUM_CLASSES, load_digits
 
 
@@ -145,11 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    try:  # fail before training, not after
-        for name in ("model.safetensors", "config.json"):
-            check_writable(out / name, args.overwrite)
-    except (FileExistsError, PermissionError) as e:
-        sys.exit(f"error: {e}")
+    cli.check_out([out / "model.safetensors", out / "config.json"], args.overwrite, "eval.benchmark.classifier")  # before training
 
     t0 = time.time()
     model, test_acc = train(args)
@@ -165,4 +162,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
