@@ -331,3 +331,17 @@ def test_lora_delta_matches_diffusers_peft_loading(ckpt, bundle, tmp_path):
                     added_cond_kwargs={k: ctx[k] for k in ("text_embeds", "time_ids")}).sample
     print(f"SDXL LoRA vs diffusers+peft fused: {maxerr(got, fused):.3g} (effect {maxerr(plain, fused):.3g})")
     assert maxerr(got, fused) <= TOL and maxerr(plain, fused) > 1e-3
+
+
+def test_dpo_npo_two_steps_writes_a_lora_that_loads_back(ckpt, bundle, tmp_path):
+    """Diffusion-NPO's DPO trainer on SDXL (beta 2000 by default, the authors' SDXL value): 64 px pairs, 2 steps."""
+    from test_diffusion_npo import write_pairs
+
+    pairs = write_pairs(tmp_path / "p", n=3, size=(64, 64), mode="RGB", prompts=["a cat", "a red car"])
+    out = tmp_path / "npo"
+    train.main(["--model", "sdxl", "--weights", str(ckpt["folder"]), "--method", "dpo-npo", "--pairs", str(pairs),
+                "--resolution", "64", "--steps", "2", "--batch-size", "2", "--grad-accum", "1", "--out", str(out),
+                "--no-progress", "--device", "cpu"])
+    assert json.loads((out / "args.json").read_text())["dpo_beta"] == 2000.0
+    delta = load_offset(out, bundle.denoiser.state_dict(), bundle.read_weights)
+    assert delta and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for k in delta)
