@@ -280,6 +280,9 @@ def test_family_mismatches_are_one_line_errors(ckpt, bundle, tmp_path):
     save_file({k: v for k, v in single.items() if not k.startswith("conditioner.embedders.1.")}, tmp_path / "no_bigG.safetensors")
     with pytest.raises(CheckpointError, match="no text_2 weights under 'conditioner.embedders.1.model.'"):
         load_sdxl(tmp_path / "no_bigG.safetensors", config="tiny", tokenizer=ckpt["tokenizer"])
+    (tmp_path / "truncated.safetensors").write_bytes(ckpt["single"].read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
+        load_sdxl(tmp_path / "truncated.safetensors", config="tiny", tokenizer=ckpt["tokenizer"])
     with pytest.raises(CheckpointError, match="SD1.5 checkpoint, not an SDXL one"):  # a full SD1.5 UNet as --pos-ckpt
         bundle.read_weights(sd15_file)
 
