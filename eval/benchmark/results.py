@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from eval.benchmark.evaluate import Autoguide, evaluate, format_table
+from eval.benchmark.classifier import DATA
+from eval.benchmark.evaluate import Autoguide, evaluate, format_shift, format_table, prediction_shift
 from npo_min import cli
 from npo_min.checkpoint import atomic_write, read_metadata
 from npo_min.guidance import negative_model
@@ -175,17 +176,23 @@ def main(argv=None):
     start = time.time()
     rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, args.sample_steps, model=args.model)
     info["eval_seconds"] = time.time() - start
+    train_x, train_y = DATA[args.model]("train")  # the shift is measured on training images, never the held-out split
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:100]
+    shift = prediction_shift(unet, embed, negatives, train_x[pick], train_y[pick])
 
     table = format_table(rows, info)
     cost_lines = ["| variant | K | steps | lr | train seconds | s/step | ||delta|| |", "|---|---|---|---|---|---|---|"]
     for name, c in cost.items():
         cost_lines.append(f"| {name} | {c['k']} | {c['steps']} | {c['lr']:g} | {c['train_seconds']:.0f} | "
                           f"{c['train_seconds'] / c['steps']:.2f} | {c['delta_norm']:.4f} |")
-    report = "## Training cost\n\n" + "\n".join(cost_lines) + f"\n\n## Evaluation\n\n```\n{table}\n```\n"
+    report = ("## Training cost\n\n" + "\n".join(cost_lines) + f"\n\n## Evaluation\n\n```\n{table}\n```\n"
+              "\n## How far each negative branch moves from plain CFG's\n\nshift = RMS(eps_neg - eps_base(c')) / "
+              "RMS(eps_base(c')) (guide = RMS(eps_pos - eps_neg)) on 100 noised train images per timestep:\n\n"
+              + format_shift(shift) + "\n")
     print(report)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report))
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
-        json.dumps({"rows": rows, "info": info, "cost": cost, "variants": variants, "args": vars(args),
+        json.dumps({"rows": rows, "shift": shift, "info": info, "cost": cost, "variants": variants, "args": vars(args),
                     "metadata": {n: read_metadata(p) for n, p in deltas.items()}}, indent=2)))
     what = "held-out digits" if args.model == "digits" else f"the held-out {args.model} test split"
     plot_curves(rows, out / "curves.png", "margin", what)
