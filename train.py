@@ -197,6 +197,9 @@ def check_args(args) -> None:
         raise ValueError(f"--num-frames and --resolution HxW are for video models; --model {args.model} takes --resolution N.")
     if args.data is not None:  # a missing folder / captions are refused before the weights load
         (clip_caption_pairs if video else image_caption_pairs)(args.data)
+    elif args.method == "self-npo" and spec.pretrain is None:  # before the weights load, not after
+        raise ValueError(f"--model {args.model} needs --data DIR: the folder of training "
+                         f"{'clips' if video else 'images'} with same-name .txt captions that Self-NPO's rollouts start from (Eq. 14).")
 
 
 # flags that set the Self-NPO run only: refused with --method pretrain (its recipe is fixed, see training.pretrain)

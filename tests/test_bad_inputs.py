@@ -108,6 +108,7 @@ CASES = [
     ("sd15 without --weights", "train", "--model sd15 --out {dir}/q", 2, "--model sd15 needs --weights"),
     ("sd15 images without captions", "train", "--model sd15 --weights {base} --data {dir}/data --out {dir}/q", 2,
      "have no same-name .txt caption"),
+    ("sd15 without --data", "train", "--model sd15 --weights {base} --out {dir}/q", 2, "--model sd15 needs --data DIR"),
     ("sd15 --data missing", "train", "--model sd15 --weights {base} --data {dir}/nope --out {dir}/q", 2, "is not a folder"),
     ("dpo-npo without --pairs", "train", T + " --method dpo-npo", 2, "--method dpo-npo needs --pairs"),
     ("--pairs with reward-npo", "train", T + " --method reward-npo --pairs {dir}/p.jsonl", 2, "--pairs is for --method dpo-npo"),

@@ -31,6 +31,7 @@ from npo_min.data import image_caption_pairs, load_image
 from npo_min.offsets import load_offset, save_delta
 from npo_min.pipelines.sd15 import load as load_sd15
 from npo_min.pipelines.sdxl import load as load_sdxl
+from npo_min.clip import CLIPTextModel
 from npo_min.unet import UNet2DConditionModel
 from npo_min.sdxl import PRESETS, checkpoint_family, read_single_file, text_2_from_open_clip, time_ids
 from test_scorers import hf_to_open_clip_by_hand
@@ -331,3 +332,15 @@ def test_lora_delta_matches_diffusers_peft_loading(ckpt, bundle, tmp_path):
                     added_cond_kwargs={k: ctx[k] for k in ("text_embeds", "time_ids")}).sample
     print(f"SDXL LoRA vs diffusers+peft fused: {maxerr(got, fused):.3g} (effect {maxerr(plain, fused):.3g})")
     assert maxerr(got, fused) <= TOL and maxerr(plain, fused) > 1e-3
+
+
+def test_sdxl_text_presets_match_transformers_layout_and_size():
+    """The full `sdxl` preset's two text encoders: transformers' state-dict names and shapes (meta device)."""
+    full = PRESETS["sdxl"]
+    for cfg, cls, n in ((full.text, transformers.CLIPTextModel, 123_060_480),
+                        (full.text_2, transformers.CLIPTextModelWithProjection, 694_659_840)):
+        with torch.device("meta"):
+            ours, ref = CLIPTextModel(cfg), cls(hf_text_config(cfg))
+        theirs = {k: v.shape for k, v in _bare(ref.state_dict()).items() if not k.endswith("position_ids")}
+        assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == n
