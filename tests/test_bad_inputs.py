@@ -151,8 +151,8 @@ CASES = [
      "--resolution must be N or HxW"),
     ("cogvideox without --weights", "train", "--model cogvideox --out {dir}/c", 2, "--model cogvideox needs --weights"),
     ("cogvideox mp4 clips", "train", "--model cogvideox --weights {dir} --data {dir}/clips --out {dir}/c", 2, "no video decoder"),
-    ("cogvideox weights a file", "train", "--model cogvideox --weights {base}/model.safetensors --out {dir}/c", 2,
-     "is not a folder"),
+    ("cogvideox weights a file", "sample", "--model cogvideox --weights {base}/model.safetensors --neg-ckpt x "
+     "--prompts {dir}/cat.txt --out {dir}/c", 2, "is not a folder"),
     ("cogvideox folder without parts", "sample", "--model cogvideox --weights {base} --neg-ckpt x --prompts {dir}/cat.txt --out {dir}/c",
      2, "lacks transformer/"),
     ("digits --num-frames", "train", T + " --num-frames 9", 2, "for video models"),
