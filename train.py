@@ -336,6 +336,8 @@ def run_diffusion_npo(args, out: Path) -> None:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer)
+    if hasattr(pipe, "set_image_size") and pipe.latent_scale > 1:  # SDXL: the time ids name the training size
+        pipe.set_image_size(args.resolution, args.resolution)
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
     common = dict(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                   grad_accum=args.grad_accum, autocast_dtype=autocast, generator=gen, progress=not args.no_progress)

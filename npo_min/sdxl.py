@@ -34,7 +34,8 @@ import torch
 
 from .checkpoint import CheckpointError, build_loaded, checkpoint_keys, load_state_dict
 from .clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_text_encoder, open_clip_to_hf, to_official_keys
-from .unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, load_unet, unet_config_from_diffusers
+from .unet import (PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, ldm_unet_to_diffusers, load_unet,
+                   unet_config_from_diffusers)
 from .vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, ldm_vae_to_diffusers, load_vae
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -154,15 +155,20 @@ def text_2_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def read_single_file(path: str | os.PathLike, cfg: SDXLConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The four parts of `sd_xl_base_1.0.safetensors` (or `.ckpt`) in the modules' names:
-    {"unet", "vae", "text", "text_2"}. Raises CheckpointError: a part's prefix is absent (named)."""
-    from .unet import ldm_unet_to_diffusers
-
+    {"unet", "vae", "text", "text_2"}. A `.safetensors` file is read part by part (each part costs its own
+    size); a pickled file is read once. Raises CheckpointError: unreadable file, or a part's prefix absent (named)."""
+    path = Path(path)
+    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX, "text_2": TEXT_2_PREFIX}
+    keys = checkpoint_keys(path) if path.suffix == ".safetensors" else None
+    whole = None if keys is not None else load_state_dict(path)
+    keys = keys if keys is not None else list(whole)
     parts = {}
-    for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text", TEXT_PREFIX), ("text_2", TEXT_2_PREFIX)):
-        try:
-            parts[name] = load_state_dict(path, prefix)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path} has no {name} weights under {prefix!r}: not an SDXL single file.") from e
+    for name, prefix in prefixes.items():
+        if not any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(f"{path} has no {name} weights under {prefix!r}: not an SDXL single file "
+                                  f"(sd_xl_base_1.0.safetensors holds {', '.join(prefixes.values())}).")
+        parts[name] = (load_state_dict(path, prefix) if whole is None
+                       else {k[len(prefix):]: v for k, v in whole.items() if k.startswith(prefix)})
     parts["unet"] = ldm_unet_to_diffusers(parts["unet"], cfg.unet)
     parts["vae"] = ldm_vae_to_diffusers(parts["vae"])
     parts["text"] = to_official_keys(parts["text"])

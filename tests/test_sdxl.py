@@ -280,6 +280,9 @@ def test_family_mismatches_are_one_line_errors(ckpt, bundle, tmp_path):
     save_file({k: v for k, v in single.items() if not k.startswith("conditioner.embedders.1.")}, tmp_path / "no_bigG.safetensors")
     with pytest.raises(CheckpointError, match="no text_2 weights under 'conditioner.embedders.1.model.'"):
         load_sdxl(tmp_path / "no_bigG.safetensors", config="tiny", tokenizer=ckpt["tokenizer"])
+    (tmp_path / "truncated.safetensors").write_bytes(ckpt["single"].read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
+        load_sdxl(tmp_path / "truncated.safetensors", config="tiny", tokenizer=ckpt["tokenizer"])
     with pytest.raises(CheckpointError, match="SD1.5 checkpoint, not an SDXL one"):  # a full SD1.5 UNet as --pos-ckpt
         bundle.read_weights(sd15_file)
 
@@ -344,3 +347,17 @@ def test_sdxl_text_presets_match_transformers_layout_and_size():
         theirs = {k: v.shape for k, v in _bare(ref.state_dict()).items() if not k.endswith("position_ids")}
         assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == n
+
+
+def test_dpo_npo_two_steps_writes_a_lora_that_loads_back(ckpt, bundle, tmp_path):
+    """Diffusion-NPO's DPO trainer on SDXL (beta 2000 by default, the authors' SDXL value): 64 px pairs, 2 steps."""
+    from test_diffusion_npo import write_pairs
+
+    pairs = write_pairs(tmp_path / "p", n=3, size=(64, 64), mode="RGB", prompts=["a cat", "a red car"])
+    out = tmp_path / "npo"
+    train.main(["--model", "sdxl", "--weights", str(ckpt["folder"]), "--method", "dpo-npo", "--pairs", str(pairs),
+                "--resolution", "64", "--steps", "2", "--batch-size", "2", "--grad-accum", "1", "--out", str(out),
+                "--no-progress", "--device", "cpu"])
+    assert json.loads((out / "args.json").read_text())["dpo_beta"] == 2000.0
+    delta = load_offset(out, bundle.denoiser.state_dict(), bundle.read_weights)
+    assert delta and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for k in delta)

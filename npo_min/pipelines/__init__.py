@@ -164,7 +164,10 @@ MODELS = {
     "sdxl": ModelSpec(
         "npo_min.pipelines.sdxl", None,
         train=dict(steps=1000, batch_size=10, grad_accum=1, lr=1e-7, weight_decay=0.0, rollout_w=-5.0, resolution=1024),
-        sample=dict(guidance_scale=5.0, steps=25, solver="dpmpp_2m", spacing="leading", height=1024, width=1024, batch_size=2)),
+        sample=dict(guidance_scale=5.0, steps=25, solver="dpmpp_2m", spacing="leading", height=1024, width=1024, batch_size=2),
+        # Diffusion-NPO's SDXL DPO recipe: as SD1.5's with beta 2000 (sdxl_beta2k_2kiter), 1024 px.
+        npo=dict(steps=2000, batch_size=8, grad_accum=8, lr=5e-6, weight_decay=1e-2, lora_rank=8, dpo_beta=2000.0,
+                 reward="pickscore", reward_k=1, sample_steps=25, guidance_scale=5.0, resolution=1024)),
     # CogVideoX 2B / 5B (the authors' repository has no CogVideoX code; the paper states no video recipe).
     # Sampling is CogVideoXPipeline's: scale 6, 50 DDIM steps, trailing, 49 frames at 480 x 720, c' = T5("").
     # Self-NPO: the step is the paper's (N 25, K 5, w -1, EMA 0.999, pseudo-Huber 0.001: train.py's flags);

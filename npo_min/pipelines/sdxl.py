@@ -82,6 +82,21 @@ class SDXLPipeline(Pipeline):
             self.vae.to(torch.float32)
         return self
 
+    def load_pixels(self, path, resolution=1024):
+        if resolution % self.vae.downscale:
+            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
+        return load_image(path, resolution)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels):
+        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
+        vae, sf = self.vae, self.vae.cfg.scaling_factor
+        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
+        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
+
+    def decode_with_grad(self, x0):
+        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
+
     def read_weights(self, path):
         if checkpoint_family(path) == "sd15":
             raise CheckpointError(f"{path} is an SD1.5 checkpoint, not an SDXL one: use it with --model sd15.")
