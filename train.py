@@ -242,22 +242,52 @@ def write_log(log: list[dict], path: Path) -> None:
     atomic_write(path, write)
 
 
+PRETRAIN_OUTPUTS = ["model.safetensors", "config.json", "loss.csv", "args.json"]
+
+
+def snapshot_dirs(args, out: Path) -> dict[int, Path]:
+    """{step: folder} of the per-model pretraining snapshots (MODELS[...].pretrain["snapshots"], fractions of
+    --steps): OUT-10pct/ for 0.1, ... Each holds a full model like OUT/ (the weak models of autoguidance)."""
+    fractions = MODELS[args.model].pretrain.get("snapshots", ())
+    return {max(1, round(f * args.steps)): out.with_name(f"{out.name}-{round(100 * f)}pct") for f in fractions}
+
+
+def save_pretrained(args, folder: Path, ema: dict, log: list[dict], steps: int, seconds: float, config_json: str) -> Path:
+    """model.safetensors (+ metadata), config.json, loss.csv and args.json of a pretrained model in folder."""
+    extra = {k: v for k, v in MODELS[args.model].pretrain.items() if k in ("ema_rate", "threads")}  # only where set
+    meta = {"model": args.model, "method": "pretrain", "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
+            **extra, **({"of_run_steps": args.steps} if steps != args.steps else {}),
+            "seed": args.seed, "train_seconds": f"{seconds:.0f}", "command": " ".join(sys.argv),
+            "unet_fingerprint": fingerprint({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})}
+    model_file = save_safetensors(ema, folder / "model.safetensors", meta, overwrite=args.overwrite)
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(config_json))
+    write_log(log, folder / "loss.csv")
+    if folder != Path(args.out):  # OUT/args.json is written by main() after the run
+        cli.write_args(folder / "args.json", argparse.Namespace(**vars(args), snapshot_of=str(args.out), snapshot_step=steps), SCRIPT)
+    return model_file
+
+
 def run_pretrain(args, out: Path) -> None:
-    model_file = out / "model.safetensors"
+    spec = MODELS[args.model].pretrain
+    if "threads" in spec:  # the recipe's thread count: float sums in the same order, so a rerun gives the same bytes
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     family = importlib.import_module(MODELS[args.model].module)
     unet, embed, images, labels, null_class, config_json = family.pretraining_setup()
+    snapshots = snapshot_dirs(args, out)
     start = time.time()
+
+    def on_snapshot(step, ema, log):
+        path = save_pretrained(args, snapshots[step], ema, log, step, time.time() - start, config_json)
+        print(f"wrote {path} (snapshot at step {step} of {args.steps})")
+
+    options = {"ema_rate": spec["ema_rate"]} if "ema_rate" in spec else {}
     ema, log = training.pretrain(unet, embed, images, labels, null_class, NoiseSchedule.sd(), args.steps,
-                                 args.batch_size, args.lr, generator=gen, progress=not args.no_progress)
+                                 args.batch_size, args.lr, generator=gen, progress=not args.no_progress,
+                                 snapshot_steps=tuple(snapshots), on_snapshot=on_snapshot, **options)
     seconds = time.time() - start
-    meta = {"model": args.model, "method": "pretrain", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-            "seed": args.seed, "train_seconds": f"{seconds:.0f}", "command": " ".join(sys.argv),
-            "unet_fingerprint": fingerprint({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})}
-    save_safetensors(ema, model_file, meta, overwrite=args.overwrite)
-    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_json))
-    write_log(log, out / "loss.csv")
+    model_file = save_pretrained(args, out, ema, log, args.steps, seconds, config_json)
     print(f"wrote {model_file} ({args.steps} steps, {seconds:.0f} s, final loss {log[-1]['loss']:.4f})")
 
 
@@ -381,8 +411,8 @@ def run_diffusion_npo(args, out: Path) -> None:
 def output_files(args) -> list[Path]:
     """Every file this run writes under --out (checked before any work)."""
     out = Path(args.out)
-    if args.method == "pretrain":
-        return [out / n for n in ("model.safetensors", "config.json", "loss.csv", "args.json")]
+    if args.method == "pretrain":  # the run's folder and its snapshots' (OUT-10pct/, ...)
+        return [folder / n for folder in [out, *snapshot_dirs(args, out).values()] for n in PRETRAIN_OUTPUTS]
     return [out / n for n in (output_file(args), "loss.csv", "args.json")]
 
 

@@ -211,17 +211,25 @@ def pretrain(
     ema_rate: float = 0.999,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    snapshot_steps: tuple[int, ...] = (),
+    on_snapshot: Callable[[int, dict, list[dict]], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Train a class-conditional eps-prediction model from scratch (plain diffusion objective).
 
     Labels are replaced by `null_label` with probability `label_drop` (CFG's unconditional branch).
     AdamW with linear warm-up (200 steps) then cosine decay; returns (EMA state dict with keys
-    `unet.*` / `class_embedding.*`, per-step log).
+    `unet.*` / `class_embedding.*`, per-step log). After each step in `snapshot_steps`,
+    `on_snapshot(step, EMA state dict, log so far)` is called (the weaker models of the same run
+    that autoguidance uses); snapshots do not change the run.
 
-    Raises NonFiniteError: a NaN / Inf loss, at its step.
+    Raises:
+        ValueError: steps < 1, or a snapshot step outside 1..steps.
+        NonFiniteError: a NaN / Inf loss, at its step.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}.")
+    if any(not 1 <= s <= steps for s in snapshot_steps):
+        raise ValueError(f"snapshot steps must be in 1..{steps}; got {list(snapshot_steps)}.")
     model = torch.nn.ModuleDict({"unet": unet, "class_embedding": embed}).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -247,5 +255,7 @@ def pretrain(
         ema_update(ema, model, ema_rate if step > warmup else 0.0)
         log.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "seconds": time.time() - start})
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_snapshot is not None and step in snapshot_steps:
+            on_snapshot(step, {k: v.detach().clone() for k, v in ema.state_dict().items()}, list(log))
     model.eval()
     return ema.state_dict(), log
