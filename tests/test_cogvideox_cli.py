@@ -338,3 +338,24 @@ def test_diffusers_cogvideox_lora_and_full_transformer_as_offsets(tiny, tmp_path
     ref.save_pretrained(tmp_path / "tuned" / "transformer")
     eta = load_offset(tmp_path / "tuned", base, pipe.read_weights)
     assert sorted(eta) == sorted(base) and all(torch.allclose(v, torch.full_like(v, 0.01), atol=1e-6) for v in eta.values())
+
+
+def test_scheduler_config_checked(tiny, tmp_path):
+    """The released scheduler_config.json gives its shift; absent keys take diffusers' defaults (so a file without
+    prediction_type is an eps model and refused); a value this implementation does not reproduce is named."""
+    from npo_min.pipelines.cogvideox import read_scheduler_config
+
+    released = json.loads((tiny["5b"]["folder"] / "scheduler" / "scheduler_config.json").read_text())
+    assert read_scheduler_config(tiny["5b"]["folder"]) == 1.0 and read_scheduler_config(tiny["2b"]["folder"]) == 3.0
+    assert read_scheduler_config(tmp_path) is None  # no scheduler/: the loader falls back to the size's released value
+    (tmp_path / "scheduler").mkdir()
+    for drop, change, message in [("snr_shift_scale", {}, None), ("prediction_type", {}, "prediction_type='epsilon'"),
+                                  (None, {"clip_sample": True}, "clip_sample=True"),
+                                  (None, {"beta_schedule": "linear"}, "beta_schedule='linear'")]:
+        cfg = {k: v for k, v in released.items() if k != drop} | change
+        (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+        if message is None:
+            assert read_scheduler_config(tmp_path) == 3.0  # diffusers' default shift
+        else:
+            with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
+                read_scheduler_config(tmp_path)
