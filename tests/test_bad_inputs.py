@@ -191,10 +191,17 @@ def test_divergence_stops_at_its_step(files, tmp_path, capsys):
     """--lr 1e10 diverges: the run stops at the first non-finite loss / gradient, naming the step; nothing is written."""
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as e:
-        cli.run(train.main, arg(T, files).replace(f"{files['dir']}/o", str(out)).split() + ["--lr", "1e10", "--steps", "20"])
+        cli.run(train.main, arg(T, files).replace(f"{files['dir']}/o", str(out)).split()
+                + ["--lr", "1e10", "--steps", "20", "--save-every", "1"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "training diverged at step" in err and "Nothing was written" in err
     assert not (out / "delta.safetensors").exists() and not (out / "loss.csv").exists()
+    # the last good checkpoint is kept: the step before the divergence, every tensor finite
+    step = int(err.split("training diverged at step ")[1].split(":")[0])
+    assert f"last good state is in {out / 'resume.pt'}" in err
+    state = cli.load_resume(out / "resume.pt")
+    assert state["step"] == step - 1
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
 
 
 def test_nan_is_never_saved(tmp_path):
