@@ -121,3 +121,39 @@ def bootstrap_ci(scores_a, scores_b, n_boot: int = 2000, level: float = 0.95, se
     means = torch.stack([diff[torch.randint(0, len(diff), (len(diff),), generator=gen)].mean() for _ in range(n_boot)])
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return diff.mean().item(), lo.item(), hi.item()
+
+
+def _kth_neighbour_radius(feats: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance from each row of `feats (N, F)` to its k-th nearest other row, `(N,)`."""
+    radii = []
+    for part in feats.split(chunk):
+        d = torch.cdist(part, feats)  # (n, N), includes the zero distance to itself
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # k + 1: skip the point itself
+    return torch.cat(radii)
+
+
+def _in_any_ball(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """`(Q,)` bool: query q lies within radius r_j of some centre j (||q - c_j|| <= r_j)."""
+    return torch.cat([(torch.cdist(part, centres) <= radii[None]).any(dim=1) for part in queries.split(chunk)])
+
+
+def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, Sec. 2), in a feature space.
+
+    Each set's manifold is the union of balls around its points with radius = distance to the
+    point's k-th nearest neighbour in the same set (k = 3 as in the paper). precision = share of
+    fake samples inside the real manifold (fidelity); recall = share of real samples inside the fake
+    manifold (diversity). Use equal set sizes: both depend on N. Features `(N, F)`, `(M, F)`, e.g.
+    the classifier's `features(images)`; computed in float64.
+
+    Raises:
+        ValueError: a set with <= k points, or feature widths that differ.
+    """
+    real, fake = _as_float64(real_feats), _as_float64(fake_feats)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, F) and (M, F) of one width; got {tuple(real.shape)}, {tuple(fake.shape)}.")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} points per set; got {len(real)} and {len(fake)}.")
+    precision = _in_any_ball(fake, real, _kth_neighbour_radius(real, k)).double().mean().item()
+    recall = _in_any_ball(real, fake, _kth_neighbour_radius(fake, k)).double().mean().item()
+    return precision, recall

@@ -8,7 +8,7 @@ Rules this module enforces (README "What is checked"):
   - a flag that has no meaning for its value (NaN, Inf, a negative Huber c) or for the chosen model
     (digits --data) is refused before any work;
   - every file a command will write is checked before any work (`check_out`): existing files need
-    --overwrite, the shipped weights/ folders need --overwrite even for new files, and a folder's
+    --overwrite, the model folders in weights/ need --overwrite even for new files, and a folder's
     args.json written by another script is never replaced (it records that script's run).
 """
 
@@ -49,7 +49,7 @@ def run(main: Callable, argv: list[str] | None = None) -> None:
         print(f"interrupted: {e}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
-        print("interrupted: nothing was saved.", file=sys.stderr)
+        print("interrupted: files already written are complete (atomic writes); nothing else was saved.", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except KNOWN_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -102,7 +102,8 @@ def check_out(paths: Iterable[str | os.PathLike], overwrite: bool, script: str) 
     """Check every file a command will write, before any work. Returns them as Paths.
 
     - existing files need `overwrite` (checkpoint.check_writable), folders must be writable;
-    - a file under the shipped weights/ folder needs `overwrite` even if it is new;
+    - a file in a model folder of weights/ (one that holds files: the shipped models, downloaded checkpoints)
+      needs `overwrite` even if it is new; a new folder under weights/ is fine;
     - an existing args.json written by another script is refused even with `overwrite`: it is the
       record of that script's run (e.g. sample.py --out <a training folder>).
 
@@ -110,9 +111,10 @@ def check_out(paths: Iterable[str | os.PathLike], overwrite: bool, script: str) 
     """
     paths = [Path(p) for p in paths]
     for path in paths:
-        if not overwrite and _under(path, SHIPPED):
-            raise PermissionError(f"{path} is inside the shipped weights/ folder: choose another --out, or pass "
-                                  "--overwrite to replace the shipped model on purpose.")
+        folder = _model_folder(path)
+        if not overwrite and folder is not None:
+            raise PermissionError(f"{path} is inside {folder}, a model folder of the shipped weights/ folder: choose "
+                                  "another --out, or pass --overwrite to write there on purpose.")
         if path.name == "args.json" and path.is_file():
             other = _args_script(path)
             if other and other != script:
@@ -122,12 +124,15 @@ def check_out(paths: Iterable[str | os.PathLike], overwrite: bool, script: str) 
     return paths
 
 
-def _under(path: Path, folder: Path) -> bool:
+def _model_folder(path: Path) -> Path | None:
+    """The folder of weights/ that `path` would write into, if it already holds files (a shipped model, or a
+    downloaded checkpoint); None for a path outside weights/ or a new / empty folder there."""
     try:
-        path.resolve().relative_to(folder.resolve())
-        return True
+        parts = path.resolve().relative_to(SHIPPED.resolve()).parts
     except ValueError:
-        return False
+        return None
+    top = SHIPPED / parts[0] if len(parts) > 1 else SHIPPED
+    return top if top.is_dir() and any(top.iterdir()) else None
 
 
 def _args_script(path: Path) -> str | None:

@@ -24,8 +24,10 @@ scorers) and the two-tower `CLIPModel` follow transformers' `CLIPModel` layout:
     vision_model.post_layernorm.{weight,bias}
     visual_projection.weight, text_model.*, text_projection.weight, logit_scale
 
-The scorers' two-tower checkpoints (HF CLIPModel folders, OpenCLIP `.pt` files such as HPSv2.1)
-load through `eval/t2i/clip_checkpoints.py`.
+OpenCLIP's own layout (HPSv2.1's `.pt`, and SDXL's bigG text tower in `sd_xl_base_1.0.safetensors`
+under `conditioner.embedders.1.model.`) maps onto these names with `open_clip_to_hf` (fused `in_proj`
+split into q/k/v, `text_projection` used as `x @ P` transposed into a Linear). The scorers' two-tower
+checkpoints load through `eval/t2i/clip_checkpoints.py`.
 
 The BPE tokenizer is in `npo_min/clip_tokenizer.py`.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,8 +87,13 @@ PRESETS: dict[str, CLIPTextConfig] = {
     # OpenAI CLIP ViT-L/14 text tower: runwayml/stable-diffusion-v1-5 text_encoder/config.json
     # (= openai/clip-vit-large-patch14 text_config). 123,060,480 parameters.
     "sd15": CLIPTextConfig(),
+    # SDXL's first text encoder is the same OpenAI CLIP ViT-L/14 text tower (stabilityai/stable-diffusion-xl-base-1.0
+    # text_encoder/config.json); SDXL reads its penultimate hidden state (clip_skip=1, final_norm=False).
+    "sdxl_l": CLIPTextConfig(),
     # OpenCLIP ViT-bigG/14 text tower with its projection: SDXL text_encoder_2 (CLIPTextModelWithProjection,
     # stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json; open_clip ViT-bigG-14.json).
+    # SDXL reads its penultimate hidden state (no final LN) and, for the pooled vector, final LN + text_projection
+    # at the EOS token (`CLIPTextModel.encode(ids, clip_skip=1, final_norm=False)`). 694,659,840 parameters.
     "sdxl_g": CLIPTextConfig(width=1280, layers=32, heads=20, mlp_width=5120, act="gelu", projection_dim=1280),
     # Text towers of the two-tower scorers (CLIP_PRESETS below), with their text_projection:
     # OpenAI CLIP ViT-L/14 (openai/clip-vit-large-patch14; the LAION aesthetic predictor's CLIP) ...
@@ -492,6 +500,74 @@ def to_official_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not any(k.startswith("text_model.") for k in sd):
         sd = {f"text_model.{k}": v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if k != "text_model.embeddings.position_ids"}
+
+
+# OpenCLIP names (open_clip, HPSv2, the bigG text tower inside SDXL single files) -> transformers CLIPModel
+# names, used by open_clip_to_hf.
+OPEN_CLIP_MODULES = {  # whole modules or tensors outside the transformer blocks
+    "visual.conv1": "vision_model.embeddings.patch_embedding",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre": "vision_model.pre_layrnorm",
+    "visual.ln_post": "vision_model.post_layernorm",
+    "token_embedding": "text_model.embeddings.token_embedding",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final": "text_model.final_layer_norm",
+}
+OPEN_CLIP_BLOCK = {  # inside `[visual.]transformer.resblocks.{i}.`; attn.in_proj_{weight,bias} is split
+    "ln_1": "layer_norm1",
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+OPEN_CLIP_PROJECTIONS = {  # stored as (width, dim) matrices applied as x @ proj: transpose into nn.Linear
+    "visual.proj": "visual_projection.weight",
+    "text_projection": "text_projection.weight",
+}
+_OPEN_CLIP_BLOCK_KEY = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
+
+
+def open_clip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one map from an OpenCLIP `CLIP` state dict to the transformers CLIPModel layout.
+
+    - a `module.` prefix (checkpoints saved from a DistributedDataParallel wrapper) is removed;
+    - `attn.in_proj_weight` (3 D, D) / `attn.in_proj_bias` (3 D,) of nn.MultiheadAttention are the
+      q, k, v projections stacked in that order: split into q_proj / k_proj / v_proj;
+    - `visual.proj` and `text_projection` (width, dim) become bias-free Linear weights (dim, width);
+    - the causal `attn_mask` buffer some saves contain is dropped (our text tower builds it);
+    - every other name is renamed with OPEN_CLIP_MODULES / OPEN_CLIP_BLOCK; `logit_scale` keeps its
+      name. Unknown keys pass through unchanged, so a strict load reports them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        key = key.removeprefix("module.")
+        if key == "attn_mask" or key.endswith(".attn_mask"):
+            continue
+        if key in OPEN_CLIP_PROJECTIONS:
+            out[OPEN_CLIP_PROJECTIONS[key]] = value.T.contiguous()
+            continue
+        block = _OPEN_CLIP_BLOCK_KEY.fullmatch(key)
+        if block:
+            visual, index, name = block.groups()
+            prefix = f"{'vision_model' if visual else 'text_model'}.encoder.layers.{index}."
+            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = name.rsplit("_", 1)[1]  # weight / bias
+                for proj, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{prefix}self_attn.{proj}_proj.{kind}"] = part.contiguous()
+                continue
+            out[prefix + _rename_prefix(name, OPEN_CLIP_BLOCK)] = value
+            continue
+        out[_rename_prefix(key, OPEN_CLIP_MODULES)] = value
+    return out
+
+
+def _rename_prefix(key: str, renames: dict[str, str]) -> str:
+    """Replace the first `old` of renames that is the whole key or a dotted prefix of it."""
+    for old, new in renames.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return key
 
 
 def _check_folder_config(folder: Path, cfg: CLIPTextConfig) -> None:

@@ -1,5 +1,11 @@
 """Training data: a folder of images with same-name `.txt` captions (the Self-NPO data of the text-to-image
-families; the authors used LAION images with their captions), and the shuffled batch order every loop uses."""
+families; the authors used LAION images with their captions), a folder of short clips with captions (the
+video family), and the shuffled batch order every loop uses.
+
+Clips are read with pillow only: animated `.gif` / `.webp` files, and frame folders (a folder of
+`.png` / `.jpg` frames, in name order). There is no video decoder among the runtime packages, so `.mp4`
+and other container files are refused with the conversion to run (ffmpeg) instead of being skipped.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CLIP_SUFFIXES = (".gif", ".webp")  # animated files pillow reads frame by frame
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")  # need a decoder: refused
 
 
 def image_caption_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
@@ -31,6 +39,19 @@ def image_caption_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
 
 
+def resize_crop(img: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale (LANCZOS) so the image covers height x width, keeping its aspect ratio, then centre-crop to it."""
+    scale = max(height / img.height, width / img.width)
+    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.LANCZOS)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> `(3, H, W)` float32 in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (H, W, 3) -> (3, H, W)
+
+
 def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     """An RGB image -> `(3, resolution, resolution)` float32 in [-1, 1].
 
@@ -43,11 +64,72 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
         raise ValueError(f"{path} is not a readable image ({e}): remove or replace it.") from None
-    scale = resolution / min(img.size)
-    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.LANCZOS)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top, width, height = centre_crop_box(img.size, resolution)
+    img = img.resize((width, height), Image.LANCZOS).crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (H, W, 3) -> (3, H, W)
+
+
+def clip_caption_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Clips in `folder` (sorted by name) with the text of their same-name `.txt` caption.
+
+    A clip is an animated `.gif` / `.webp` file (`a.gif` + `a.txt`) or a frame folder (`a/` holding
+    `.png` / `.jpg` frames, + `a.txt` next to it).
+
+    Raises:
+        FileNotFoundError: no folder; clips without a caption (listed).
+        ValueError: no clips; a video container file (`.mp4`, ...), which pillow cannot decode (one line
+            with the ffmpeg conversion to GIF or to a frame folder).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data {folder} is not a folder of clips (.gif / .webp / frame folders) with .txt captions.")
+    videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if videos:
+        raise ValueError(f"{folder / videos[0]}: no video decoder here ({len(videos)} such files); pillow reads GIF, WebP and "
+                         f"frame folders: convert, e.g. `ffmpeg -i {videos[0]} {Path(videos[0]).stem}.gif` or "
+                         f"`ffmpeg -i {videos[0]} {Path(videos[0]).stem}/%04d.png`.")
+    clips = sorted(p for p in folder.iterdir()
+                   if (p.is_file() and p.suffix.lower() in CLIP_SUFFIXES)
+                   or (p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())))
+    if not clips:
+        raise ValueError(f"no clips in {folder}: expected animated .gif / .webp files or folders of .png / .jpg frames, "
+                         "each with a same-name .txt caption.")
+    missing = [p.name for p in clips if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} clips in {folder} have no same-name .txt caption, e.g. {missing[:5]}.")
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in clips]
+
+
+def read_frames(path: str | os.PathLike) -> list[Image.Image]:
+    """Every frame of a clip as RGB images: an animated .gif / .webp, or a frame folder in name order."""
+    path = Path(path)
+    if path.is_dir():
+        return [Image.open(f).convert("RGB") for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    with Image.open(path) as img:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(img)]
+
+
+def load_clip(path: str | os.PathLike, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """The first `num_frames` frames of a clip -> `(3, num_frames, height, width)` float32 in [-1, 1].
+
+    Each frame is scaled to cover height x width and centre-cropped (`resize_crop`), as images are.
+
+    Raises:
+        ValueError: the clip has fewer than num_frames frames (named, with both counts).
+    """
+    frames = read_frames(path)
+    if len(frames) < num_frames:
+        raise ValueError(f"clip {path} has {len(frames)} frames but {num_frames} are needed (--num-frames): "
+                         "use longer clips or fewer frames (4k + 1, e.g. 9, 13, 49).")
+    return torch.stack([to_tensor(resize_crop(f, height, width)) for f in frames[:num_frames]], dim=1)  # (3, F, H, W)
+
+
+def centre_crop_box(size: tuple[int, int], resolution: int) -> tuple[int, int, int, int]:
+    """load_image's geometry for an image of `size` (width, height): (left, top) of the crop in the resized
+    image, and that resized (width, height). SDXL's crop time ids are (top, left)."""
+    scale = resolution / min(size)
+    width, height = max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale))
+    return (width - resolution) // 2, (height - resolution) // 2, width, height
 
 
 class ShuffledBatches:

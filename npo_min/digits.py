@@ -73,24 +73,25 @@ def build_digits_model(cfg: UNetConfig = PRESETS["digits"]) -> tuple[UNet2DCondi
     return UNet2DConditionModel(cfg), ClassEmbedding(tokens=4, dim=cfg.cross_attention_dim)
 
 
-def load_digits_model(path: str | Path = DEFAULT_WEIGHTS) -> tuple[UNet2DConditionModel, ClassEmbedding, dict]:
+def load_digits_model(path: str | Path = DEFAULT_WEIGHTS, preset: str = "digits") -> tuple[UNet2DConditionModel, ClassEmbedding, dict]:
     """Load `model.safetensors` (keys `unet.*`, `class_embedding.*`) from a folder or file.
 
+    preset: the UNet preset ("digits"; "fashion" for the Fashion-MNIST model, same layout).
     Returns (unet, class_embedding, metadata), both modules in eval mode, float32.
 
     Raises:
-        CheckpointError: missing file, or keys/shapes that do not fit the digits architecture.
+        CheckpointError: missing file, or keys/shapes that do not fit the preset's architecture.
     """
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.exists():
         raise CheckpointError(
-            f"digits model not found at {file}: use the shipped weights/digits, or make one with "
-            "`python train.py --method pretrain --out DIR`."
+            f"{preset} model not found at {file}: use the shipped weights/{preset}, or make one with "
+            f"`python train.py --model {preset} --method pretrain --out DIR`."
         )
-    unet, embed = build_digits_model()
-    load_into(unet, load_state_dict(file, prefix="unet."), "the digits UNet")
-    load_into(embed, load_state_dict(file, prefix="class_embedding."), "the digits class embedding")
+    unet, embed = build_digits_model(PRESETS[preset])
+    load_into(unet, load_state_dict(file, prefix="unet."), f"the {preset} UNet")
+    load_into(embed, load_state_dict(file, prefix="class_embedding."), f"the {preset} class embedding")
     return unet.eval(), embed.eval(), read_metadata(file)
 
 
@@ -104,11 +105,14 @@ def digits_config_json(cfg: UNetConfig = PRESETS["digits"]) -> str:
 def sample_digits(
     pos_unet, neg_unet, embed: ClassEmbedding, labels: torch.Tensor, noise: torch.Tensor,
     guidance_scale: float, steps: int = 25, solver: str = "ddim", spacing: str = "trailing", batch_size: int = 500,
+    neg_embed: ClassEmbedding | None = None,
 ) -> torch.Tensor:
     """Class-conditional samples with CFG, negative branch = `neg_unet` at the null class.
 
-    labels: (B,) in 0..9; noise: (B, 1, 8, 8) standard normal (fix it to compare methods seed
-    for seed). Returns (B, 1, 8, 8) pixels clamped to [-1, 1].
+    labels: (B,) in 0..9; noise: (B, 1, S, S) standard normal, S = 8 digits / 28 fashion (fix it to
+    compare methods seed for seed). neg_embed: autoguidance (Karras et al. 2024, Eq. 2): the negative
+    branch is `neg_unet` (a weaker model) at the *same* class, through its own class table `neg_embed`,
+    instead of the null class. Returns (B, 1, S, S) pixels clamped to [-1, 1].
     """
     from .guidance import guided_denoiser
     from .schedule import NoiseSchedule
@@ -117,7 +121,8 @@ def sample_digits(
     null = embed(torch.tensor([NULL_CLASS]))
     out = []
     for i in range(0, len(labels), batch_size):
-        denoise = guided_denoiser(pos_unet, neg_unet, embed(labels[i : i + batch_size]), null, guidance_scale)
+        neg_cond = null if neg_embed is None else neg_embed(labels[i : i + batch_size])
+        denoise = guided_denoiser(pos_unet, neg_unet, embed(labels[i : i + batch_size]), neg_cond, guidance_scale)
         out.append(sample(denoise, noise[i : i + batch_size], steps, NoiseSchedule.sd(), solver, spacing))
     return torch.cat(out).clamp(-1, 1)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, check_writable
+from .checkpoint import check_writable
 from .plot import COLORS, GRAYS, Axes, Figure
 from .schedule import NoiseSchedule, add_noise
 from .self_npo import SelfNPOConfig, ddim_grid, truncated_rollout
@@ -431,7 +431,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError, FileExistsError, PermissionError) as e:
-        raise SystemExit(f"error: {e}")
+    from npo_min.cli import run
+
+    run(main)

@@ -8,7 +8,8 @@ Diffusion-NPO Eq. 10 (Self-NPO Eq. 7):      theta_neg = theta + alpha * eta + be
 
 Conditioning `Cond` is what a family's denoiser takes as its third argument: a tensor `(B, L, D)`
 (SD1.5 text states, digits class tokens) or a dict of tensors batched on dim 0 (SDXL: text states,
-pooled text, time ids). `expand_cond`, `cat_cond` and `where_cond` handle both.
+pooled text, time ids). `expand_cond`, `cat_cond` and `where_cond` handle both. A dict c' may omit keys:
+those are shared with c in both branches (`share_cond`; SDXL's time ids, as diffusers' pipeline does).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def expand_cond(cond: Cond, n: int) -> Cond:
     return _map(lambda c: c.expand(n, *c.shape[1:]), cond)
 
 
+def share_cond(neg: Cond, pos: Cond) -> Cond:
+    """c' completed with the entries of c it omits (conditioning both CFG branches share, e.g. SDXL's time
+    ids); a tensor c' is returned as is."""
+    if isinstance(neg, dict) and isinstance(pos, dict):
+        return {k: neg[k] if k in neg else pos[k] for k in pos}
+    return neg
+
+
 def cat_cond(a: Cond, b: Cond) -> Cond:
     return _map(lambda x, y: torch.cat([x, y]), a, b)
 
@@ -65,10 +74,10 @@ def guided_denoiser(pos_model, neg_model, cond: Cond, neg_cond: Cond, guidance_s
     pos_model / neg_model: `f(x (B, ...), t (B,), cond) -> eps`; the same module for plain CFG (then one
     batched pass on [c', c], as SD pipelines do), or the two branches of one
     batched_offsets.BranchedDenoiser (one batched pass too, each half with its own offsets). cond: the positive condition c, batch B; neg_cond: the
-    negative / unconditional c', batch B or 1. guidance_scale 1 evaluates only the positive branch,
-    0 only the negative one.
+    negative / unconditional c', batch B or 1 (a dict may omit entries shared with c, see share_cond).
+    guidance_scale 1 evaluates only the positive branch, 0 only the negative one.
     """
-    neg_cond = expand_cond(neg_cond, cond_batch(cond))
+    neg_cond = share_cond(expand_cond(neg_cond, cond_batch(cond)), cond)
     owner = getattr(pos_model, "owner", None)
     owner = owner if owner is not None and getattr(neg_model, "owner", None) is owner \
         and not pos_model.negative and neg_model.negative else None

@@ -26,6 +26,21 @@ def save_png(img: Image.Image, path: str | Path) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))  # tmp ends in .tmp: name the format
 
 
+def to_pil_frames(video: torch.Tensor) -> list[Image.Image]:
+    """A clip `(C, F, H, W)` in about [-1, 1] -> F images (as `to_pil`)."""
+    return [to_pil(video[:, f]) for f in range(video.shape[1])]
+
+
+def save_gif(frames: list[Image.Image], path: str | Path, fps: float = 8.0) -> None:
+    """An animated GIF, looping, `fps` frames a second (CogVideoX: 8), written atomically.
+
+    GIF stores at most 256 colours a frame (pillow picks the palette): for pixel-exact frames read the
+    latents or write PNGs.
+    """
+    atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                  duration=round(1000 / fps), loop=0))
+
+
 def labelled_grid(blocks: dict[str, list[list[Image.Image]]], row_labels: list[str], title: str,
                   min_cell: int = 32, gap: int = 8, pad: int = 2) -> Image.Image:
     """Blocks side by side, each a list of rows of equally sized images, with a title, block headers and row labels.

@@ -191,7 +191,7 @@ def lora_factors(lora: Offset, base: Offset, alpha: float | None = None, alpha_p
         up, down = scale * up.flatten(1), down.flatten(1)  # (out, r), (r, in * kh * kw)
         if up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0] or up.shape[0] * down.shape[1] != weight.numel():
             raise CheckpointError(f"LoRA layer {layer}: up {tuple(p['up'].shape)} @ down {tuple(p['down'].shape)} "
-                                  f"does not fit weight {tuple(weight.shape)}.")
+                                  f"does not fit weight {tuple(weight.shape)}: a LoRA made for another model (e.g. SD1.5 vs SDXL)?")
         factors[layer] = (up, down)
     return factors
 

@@ -142,15 +142,25 @@ def dpmpp_2m(denoise, noise, timesteps, schedule: NoiseSchedule, progress=False)
 SOLVERS = {"ddim": ddim, "euler": euler, "dpmpp_2m": dpmpp_2m}
 
 
-def sample(denoise, noise, num_steps: int, schedule: NoiseSchedule, solver: str = "ddim", spacing: str = "leading", progress=False):
+def sample(denoise, noise, num_steps: int, schedule: NoiseSchedule, solver: str = "ddim", spacing: str = "leading", progress=False,
+           prediction_type: str = "epsilon", set_alpha_to_one: bool = False):
     """Run `solver` ("ddim" | "euler" | "dpmpp_2m") for `num_steps` steps; returns x0 `(B, ...)`.
 
+    prediction_type: what `denoise` returns, "epsilon" or "v_prediction" (CogVideoX; DDIM only: its
+    zero-terminal-SNR schedule starts at alpha = 0, where Euler's and DPM-Solver's sigma-space forms are
+    infinite). set_alpha_to_one: DDIM's final alpha past t = 0 (CogVideoX: True, SD: False).
+
     Raises:
-        ValueError: unknown solver or spacing, or num_steps outside 1..T.
+        ValueError: unknown solver or spacing, num_steps outside 1..T, or v_prediction with another solver than ddim.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: use one of {sorted(SOLVERS)}.")
+    if prediction_type != "epsilon" and solver != "ddim":
+        raise ValueError(f"solver {solver!r} takes eps-prediction models only; this model predicts {prediction_type}: use --solver ddim.")
     ts = make_timesteps(num_steps, spacing, schedule.num_train_timesteps, solver=solver)
     if solver == "euler":
         return euler(denoise, noise, ts, schedule, spacing=spacing, progress=progress)
+    if solver == "ddim":
+        return ddim(denoise, noise, ts, schedule, set_alpha_to_one=set_alpha_to_one, progress=progress,
+                    prediction_type=prediction_type)
     return SOLVERS[solver](denoise, noise, ts, schedule, progress=progress)

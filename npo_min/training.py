@@ -19,9 +19,10 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import shuffled_batches
 from .schedule import NoiseSchedule
-from .self_npo import SelfNPOConfig, denoising_loss, ema_update, tdft_loss, truncated_rollout
+from .self_npo import SelfNPOConfig, denoising_loss, ema_update, sharded, tdft_loss, truncated_rollout
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x0 (B, C, H, W), context (B, L, D))
 
@@ -49,13 +50,16 @@ def self_npo(
     generator: torch.Generator | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    prediction_type: str = "epsilon",
     resume: dict | None = None,
     save: Callable[[dict], None] | None = None,
     save_every: int = 0,
+    dist: "distributed.Dist | None" = None,
 ) -> list[dict]:
     """Fine-tune `student` in place with TDFT; the EMA target starts as a copy of it.
 
     null_context: `(1, L, D)` the c' used inside the rollout (and for cond_drop).
+    prediction_type: the student's output, "epsilon" (SD, digits) or "v_prediction" (CogVideoX).
     Authors' SD1.5 defaults: AdamW lr 1e-6, weight decay 1e-3, grad clip 1.0, constant LR,
     1000 steps at batch 80. Returns the per-step log.
 
@@ -63,6 +67,11 @@ def self_npo(
     `training_state(...)`: student, EMA target, optimizer, step, log, the RNG states of torch and of
     `generator`, and the data order (if `batches` has `state_dict`). `resume=state` continues from it;
     the result is bitwise that of an uninterrupted run (same device and threads).
+
+    dist: a data-parallel run (npo_min/distributed.py, torchrun): the student is wrapped in
+    DistributedDataParallel, `batches` must yield this rank's shard (distributed.ShardedBatches) and the
+    random draws are sharded the same way, so N ranks equal one process with N times the batch; the
+    logged loss is the mean over ranks. Pass `save` on rank 0 only.
 
     Raises:
         ValueError: steps or grad_accum < 1, a resume state past `steps`.
@@ -82,18 +91,30 @@ def self_npo(
         if first > steps + 1:
             raise ValueError(f"the resume checkpoint is at step {first - 1}, past --steps {steps}.")
     state = lambda step: training_state(step, log, student, target, opt, batches, generator)  # noqa: E731
+    model, shard = student, contextlib.nullcontext()
+    if dist is not None:  # gradients averaged over ranks in backward; draws sliced per rank
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+        shard, progress = sharded(dist.rank, dist.world), progress and dist.main
     start = time.time() - (log[-1]["seconds"] if log else 0.0)
     bar = tqdm(range(first, steps + 1), desc="self-npo", disable=not progress, initial=first - 1, total=steps)
-    with _interrupt_after_step() as interrupted:
+    with _interrupt_after_step() as interrupted, shard:
         for step in bar:
             total = 0.0
-            for _ in range(grad_accum):
+            for micro in range(grad_accum):
                 x0, cond = next(batches)
-                with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator)
-                    loss = tdft_loss(student, x_t, t, x0_target, cond, null_context, schedule, cfg, generator) / grad_accum
-                loss.backward()
+                sync = model.no_sync() if dist is not None and micro < grad_accum - 1 else contextlib.nullcontext()
+                with sync:  # DDP: no gradient all-reduce until the last micro-step
+                    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        x_t, t, x0_target = truncated_rollout(target, x0, cond, null_context, schedule, cfg, generator,
+                                                              prediction_type=prediction_type)
+                        loss = tdft_loss(model, x_t, t, x0_target, cond, null_context, schedule, cfg, generator,
+                                         prediction_type) / grad_accum
+                    loss.backward()
                 total += loss.item()
+            if dist is not None:
+                total = distributed.mean(total, x0.device)  # the same on every rank, so all stop together
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip).item()
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
                 raise NonFiniteError(step, f"training diverged at step {step}: loss {total:.4g}, gradient norm "
@@ -101,7 +122,8 @@ def self_npo(
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema_update(target, student, cfg.ema_rate)
-            entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": t.float().mean().item(), "seconds": time.time() - start}
+            mean_t = t.float().mean().item() if dist is None else distributed.mean(t.float().mean().item(), x0.device)
+            entry = {"step": step, "loss": total, "grad_norm": grad_norm, "mean_t": mean_t, "seconds": time.time() - start}
             log.append(entry)
             bar.set_postfix(loss=f"{total:.4g}")
             if on_step:
@@ -189,17 +211,25 @@ def pretrain(
     ema_rate: float = 0.999,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    snapshot_steps: tuple[int, ...] = (),
+    on_snapshot: Callable[[int, dict, list[dict]], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Train a class-conditional eps-prediction model from scratch (plain diffusion objective).
 
     Labels are replaced by `null_label` with probability `label_drop` (CFG's unconditional branch).
     AdamW with linear warm-up (200 steps) then cosine decay; returns (EMA state dict with keys
-    `unet.*` / `class_embedding.*`, per-step log).
+    `unet.*` / `class_embedding.*`, per-step log). After each step in `snapshot_steps`,
+    `on_snapshot(step, EMA state dict, log so far)` is called (the weaker models of the same run
+    that autoguidance uses); snapshots do not change the run.
 
-    Raises NonFiniteError: a NaN / Inf loss, at its step.
+    Raises:
+        ValueError: steps < 1, or a snapshot step outside 1..steps.
+        NonFiniteError: a NaN / Inf loss, at its step.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}.")
+    if any(not 1 <= s <= steps for s in snapshot_steps):
+        raise ValueError(f"snapshot steps must be in 1..{steps}; got {list(snapshot_steps)}.")
     model = torch.nn.ModuleDict({"unet": unet, "class_embedding": embed}).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -225,5 +255,7 @@ def pretrain(
         ema_update(ema, model, ema_rate if step > warmup else 0.0)
         log.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "seconds": time.time() - start})
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_snapshot is not None and step in snapshot_steps:
+            on_snapshot(step, {k: v.detach().clone() for k, v in ema.state_dict().items()}, list(log))
     model.eval()
     return ema.state_dict(), log

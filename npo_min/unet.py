@@ -72,6 +72,12 @@ PRESETS = {
         in_channels=1, out_channels=1, block_out_channels=(32, 64), cross_attn=(False, True),
         layers_per_block=1, num_heads=4, cross_attention_dim=64, norm_num_groups=8, sample_size=8,
     ),
+    # The project's Fashion-MNIST model (0.99M parameters, sized for 2 CPU cores): 28x28 grey pixels,
+    # levels 28, 14 and 7, cross-attention over the digits model's 4 class tokens at 7x7 and in the middle.
+    "fashion": UNetConfig(
+        in_channels=1, out_channels=1, block_out_channels=(16, 32, 64), cross_attn=(False, False, True),
+        layers_per_block=1, num_heads=4, cross_attention_dim=64, norm_num_groups=8, sample_size=28,
+    ),
     # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: 3 levels, no attention at the first,
     # transformer depth (1, 2, 10), heads 5/10/20 of width 64, linear projections, context 2048 = CLIP-L 768
     # + OpenCLIP bigG 1280, added embedding of pooled bigG text (1280) + 6 time ids x 256. 2,567,463,684 params.

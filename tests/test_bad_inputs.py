@@ -106,7 +106,11 @@ CASES = [
     ("sd15 without --weights", "train", "--model sd15 --out {dir}/q", 2, "--model sd15 needs --weights"),
     ("sd15 images without captions", "train", "--model sd15 --weights {base} --data {dir}/data --out {dir}/q", 2,
      "have no same-name .txt caption"),
+    ("sd15 without --data", "train", "--model sd15 --weights {base} --out {dir}/q", 2, "--model sd15 needs --data DIR"),
     ("sd15 --data missing", "train", "--model sd15 --weights {base} --data {dir}/nope --out {dir}/q", 2, "is not a folder"),
+    ("dpo-npo without --pairs", "train", T + " --method dpo-npo", 2, "--method dpo-npo needs --pairs"),
+    ("--pairs with reward-npo", "train", T + " --method reward-npo --pairs {dir}/p.jsonl", 2, "--pairs is for --method dpo-npo"),
+    ("--resume with dpo-npo", "train", T + " --method dpo-npo --pairs {dir}/p.jsonl --resume", 2, "--resume is for --method self-npo"),
     # train.py: weights files
     ("weights missing", "train", T.replace("{base}", "{dir}/nope"), 2, "not found"),
     ("weights empty file", "train", T.replace("{base}", "{dir}/empty"), 2, "empty/model.safetensors is not a readable .safetensors"),
@@ -208,3 +212,46 @@ def test_unreadable_image_names_the_file(tmp_path):
     (tmp_path / "x.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="x.png is not a readable image"):
         load_image(tmp_path / "x.png", 8)
+
+
+def test_degenerate_images_warn_and_unreadable_ones_are_named(tmp_path):
+    from PIL import Image
+
+    from eval.t2i.score import open_image
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    with pytest.warns(UserWarning, match="1x1 px"):
+        open_image(tmp_path / "tiny.png")
+    with pytest.warns(UserWarning, match="fully transparent"):
+        open_image(tmp_path / "clear.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="bad.png is not a readable image"):
+        open_image(tmp_path / "bad.png")
+
+
+def test_results_refuses_a_delta_with_another_recipe(files, tmp_path):
+    """eval.benchmark.results reuses a delta only if its recorded recipe is the one requested."""
+    from eval.benchmark.results import recipe_changes, train_variant
+    out = tmp_path / "reports"
+    base = str(files["base"])
+    common = "--no-progress --steps 1 --batch-size 4"
+    delta = train_variant(out, "v", "", base, common)  # trains
+    assert delta.exists() and recipe_changes(delta, ["--weights", base, "--out", "x", *common.split()]) == []
+    before = delta.read_bytes()
+    assert train_variant(out, "v", "", base, common) == delta and delta.read_bytes() == before  # reused
+    with pytest.raises(ValueError, match="lr: recorded '0.0001', requested '0.001'"):
+        train_variant(out, "v", "--lr 1e-3", base, common)
+    assert delta.read_bytes() == before
+
+
+def test_model_folders_under_weights_need_overwrite(tmp_path, monkeypatch):
+    """Any folder of weights/ that holds files (shipped or downloaded) is written only with --overwrite; new ones are free."""
+    monkeypatch.setattr(cli, "SHIPPED", tmp_path)
+    (tmp_path / "sd15").mkdir()
+    (tmp_path / "sd15" / "model_index.json").write_text("{}")
+    with pytest.raises(PermissionError, match="a model folder"):
+        cli.check_out([tmp_path / "sd15" / "delta.safetensors"], overwrite=False, script="train.py")
+    cli.check_out([tmp_path / "sd15" / "delta.safetensors"], overwrite=True, script="train.py")
+    assert cli.check_out([tmp_path / "mine" / "delta.safetensors"], overwrite=False, script="train.py")
+    with pytest.raises(PermissionError, match="a model folder"):
+        cli.check_out([tmp_path / "delta.safetensors"], overwrite=False, script="train.py")  # weights/ itself holds files

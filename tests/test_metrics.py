@@ -181,3 +181,20 @@ def test_frechet_real_features(classifier, test_split):
     with torch.no_grad():
         f_test, f_train, f_noise = (classifier.features(z) for z in (x_test, x_train[:359], noise))
     assert frechet_distance(f_test, f_train) < 0.2 * frechet_distance(f_test, f_noise)
+
+
+def test_precision_recall_kynkaanniemi():
+    from eval.metrics import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 8, generator=g)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)  # every point lies in its own ball
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)  # disjoint manifolds
+    collapsed = real[:1].repeat(50, 1) + 1e-6 * torch.randn(50, 8, generator=g)  # one mode, faithful
+    precision, recall = precision_recall(real, collapsed)
+    assert precision == 1.0 and recall < 0.05  # high fidelity, no diversity: the trade it must show
+    wide = 3 * torch.randn(200, 8, generator=g)  # diverse but mostly off the real manifold
+    p_wide, r_wide = precision_recall(real, wide)
+    assert p_wide < 0.5 and r_wide > 0.9
+    with pytest.raises(ValueError, match="more than 3 points"):
+        precision_recall(real[:3], real)

@@ -21,6 +21,8 @@ CONFIGS = {
     # The digits layout: 2 levels, attention only on the second, 1 resnet per level, 1 channel, 4 heads.
     "digits_layout": UNetConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32), cross_attn=(False, True),
                                 layers_per_block=1, num_heads=4, cross_attention_dim=16, norm_num_groups=8),
+    # The shipped fashion preset itself (0.99M parameters): 3 levels 28 -> 14 -> 7, attention only on the last.
+    "fashion": PRESETS["fashion"],
     # The SDXL block structure: 3 levels, no attention at the first, heads and transformer depth per level,
     # linear proj_in / proj_out, the text_time added embedding (pooled 16 + 6 time ids x 8 = 64 inputs).
     "sdxl_layout": UNetConfig(block_out_channels=(16, 32, 64), cross_attn=(False, True, True), num_heads=(1, 2, 4),
@@ -51,6 +53,7 @@ def pair(name: str, seed: int = 0):
     ("sd15_layout", (3, 4, 9, 13)),  # odd sizes: 9x13 -> 5x7 -> 3x4 -> 2x2, the up path must restore them
     ("sd15_layout", (2, 4, 16, 16)),
     ("digits_layout", (2, 1, 7, 8)),
+    ("fashion", (2, 1, 28, 28)),
 ])
 def test_forward_matches_diffusers(name, shape):
     ref, ours = pair(name)

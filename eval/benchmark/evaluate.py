@@ -1,14 +1,18 @@
-"""Evaluate NPO guidance on the digits model: reward, Frechet distance, seed-paired win rate.
+"""Evaluate NPO guidance on the digits (or fashion) model: reward, Frechet distance, precision/recall, win rate.
 
     python -m eval.benchmark.evaluate --neg-ckpt out/self-npo/delta.safetensors
+    python -m eval.benchmark.evaluate --model fashion --neg-ckpt out/fashion/delta.safetensors --autoguide weights/fashion-30pct
 
 For every guidance scale, the same noise and labels are sampled with plain CFG (negative branch =
-the base model at the null class) and with each negative model. Metrics, against the project's
-digit classifier (eval/classifier.py, trained on the train split only):
+the base model at the null class), with each negative model, and with each autoguidance guide (a
+weaker checkpoint of the same run at the *same* class, Karras et al. 2024). Metrics, against the
+project's classifier of that model's images (eval/benchmark/classifier.py, trained on the train split only):
   - log p: mean log-probability of the intended class (a reward with headroom; p itself saturates);
-  - margin: mean intended logit minus the best other logit;
-  - FD: Frechet distance between classifier features of the samples and of the held-out test
-    digits (lower = closer to real data; "real" row = 500 train digits vs test, the floor);
+  - margin: mean intended logit minus the best other logit; acc: share classified as the intended class;
+  - FD: Frechet distance between classifier features of the samples and of the held-out test split
+    (lower = closer to real data; the "real" row = as many train images vs test, the floor);
+  - prec / rec: improved precision and recall (Kynkaanniemi et al. 2019, k = 3) against as many
+    held-out test images: fidelity (samples inside the real manifold) and diversity (the reverse);
   - win: share of seeds where the method's margin beats plain CFG's (ties count for neither).
 Printed as a table and written as JSON under --out.
 """
@@ -18,66 +22,99 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from eval.benchmark.classifier import DEFAULT_WEIGHTS as CLASSIFIER_WEIGHTS, load_classifier
-from eval.metrics import class_log_prob, class_margin, frechet_distance, paired_win_rate
+from eval.benchmark.classifier import DATA, DEFAULT_WEIGHTS as CLASSIFIER_WEIGHTS, WEIGHTS as CLASSIFIERS, load_classifier
+from eval.metrics import class_log_prob, class_margin, frechet_distance, paired_win_rate, precision_recall
 from npo_min import cli
 from npo_min.checkpoint import atomic_write
-from npo_min.digits import DEFAULT_WEIGHTS, NUM_CLASSES, load_digits, sample_digits
+from npo_min.digits import NUM_CLASSES, sample_digits
 from npo_min.guidance import negative_model
 from npo_min.offsets import load_offset
-from npo_min.pipelines import load_pipeline
+from npo_min.pipelines import default_weights, load_pipeline
+
+
+@dataclass
+class Autoguide:
+    """Autoguidance's negative: a weaker model (unet + its own class table) evaluated at the conditional class."""
+
+    unet: torch.nn.Module
+    class_embedding: torch.nn.Module
+
+
+@torch.no_grad()
+def _features(clf, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([clf.features(part) for part in x.split(batch_size)])  # (N, F)
 
 
 @torch.no_grad()
 def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, steps=25, solver="ddim",
-             spacing="trailing", classifier_path=CLASSIFIER_WEIGHTS) -> tuple[list[dict], dict]:
-    """Rows {method, guidance_scale, log_p, margin, fd, win_vs_cfg, n} for plain CFG and each negative.
+             spacing="trailing", classifier_path=None, model="digits") -> tuple[list[dict], dict]:
+    """Rows {method, guidance_scale, log_p, margin, accuracy, fd, precision, recall, win_vs_cfg, n} for plain
+    CFG and each negative.
 
-    negatives: {name: neg_unet}; "cfg" (the base model itself) is always included. The held-out
-    test split is used only here, as the Frechet reference.
+    negatives: {name: neg_unet (negative at the null class) or Autoguide}; "cfg" (the base model itself) is
+    always included. model: "digits" or "fashion" (whose data and classifier; classifier_path overrides).
+    The held-out test split is used only here, as the Frechet and precision/recall reference.
     """
-    clf = load_classifier(classifier_path)
-    test_x, _ = load_digits("test")
-    ref = clf.features(test_x)
-    train_x, _ = load_digits("train")
-    floor = frechet_distance(clf.features(train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:500]]), ref)
+    clf = load_classifier(classifier_path or CLASSIFIERS[model])
+    load = DATA[model]
+    test_x, _ = load("test")
+    ref = _features(clf, test_x)
     labels = torch.arange(NUM_CLASSES).repeat(num_per_class)
-    noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    n = len(labels)
+    train_x, _ = load("train")
+    floor_n = 500 if model == "digits" else n  # digits: the 500 of the original table; else as many as the samples
+    floor = frechet_distance(_features(clf, train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:floor_n]]), ref)
+    ref_pr = ref[torch.randperm(len(ref), generator=torch.Generator().manual_seed(1))[:n]]  # as many real as fake
+    side = unet.cfg.sample_size
+    noise = torch.randn((n, 1, side, side), generator=torch.Generator().manual_seed(seed))
     rows = []
     for scale in scales:
         margins = {}
         for name, neg in {"cfg": unet, **negatives}.items():
-            x = sample_digits(unet, neg, embed, labels, noise, scale, steps, solver, spacing)
+            guide = dict(neg_unet=neg.unet, neg_embed=neg.class_embedding) if isinstance(neg, Autoguide) else dict(neg_unet=neg)
+            x = sample_digits(unet, embed=embed, labels=labels, noise=noise, guidance_scale=scale, steps=steps, solver=solver,
+                              spacing=spacing, batch_size=100 if side > 8 else 500, **guide)
             margin = class_margin(clf, x, labels)
             margins[name] = margin
+            feats = _features(clf, x)
+            precision, recall = precision_recall(ref_pr, feats)
             rows.append({"method": name, "guidance_scale": scale, "log_p": class_log_prob(clf, x, labels).mean().item(),
-                         "margin": margin.mean().item(), "fd": frechet_distance(clf.features(x), ref),
-                         "win_vs_cfg": None if name == "cfg" else paired_win_rate(margin, margins["cfg"]), "n": len(labels)})
-    return rows, {"real_train_vs_test_fd": floor, "num_samples": len(labels), "steps": steps, "solver": solver,
-                  "spacing": spacing, "seed": seed}
+                         "margin": margin.mean().item(), "accuracy": (clf(x).argmax(1) == labels).double().mean().item(),
+                         "fd": frechet_distance(feats, ref), "precision": precision, "recall": recall,
+                         "win_vs_cfg": None if name == "cfg" else paired_win_rate(margin, margins["cfg"]), "n": n})
+    return rows, {"model": model, "real_train_vs_test_fd": floor, "real_fd_samples": floor_n, "num_samples": n,
+                  "steps": steps, "solver": solver, "spacing": spacing, "seed": seed}
 
 
 def format_table(rows: list[dict], info: dict) -> str:
     n = max([14] + [len(r["method"]) + 1 for r in rows])  # method column: names are never cut
-    lines = [f"{'method':<{n}}{'scale':>6}{'log p':>11}{'margin':>9}{'FD':>8}{'win vs CFG':>12}", "-" * (n + 46)]
+    lines = [f"{'method':<{n}}{'scale':>6}{'log p':>11}{'margin':>9}{'acc':>7}{'FD':>8}{'prec':>7}{'rec':>7}{'win vs CFG':>12}",
+             "-" * (n + 67)]
     for r in rows:
         win = "" if r["win_vs_cfg"] is None else f"{100 * r['win_vs_cfg']:.1f}%"
-        lines.append(f"{r['method']:<{n}}{r['guidance_scale']:>6.2g}{r['log_p']:>11.2e}{r['margin']:>9.2f}{r['fd']:>8.2f}{win:>12}")
-    lines.append(f"{'real digits':<{n}}{'':>6}{'':>11}{'':>9}{info['real_train_vs_test_fd']:>8.2f}{'':>12}")
+        lines.append(f"{r['method']:<{n}}{r['guidance_scale']:>6.2g}{r['log_p']:>11.2e}{r['margin']:>9.2f}"
+                     f"{100 * r['accuracy']:>6.1f}%{r['fd']:>8.2f}{r['precision']:>7.3f}{r['recall']:>7.3f}{win:>12}")
+    lines.append(f"{'real ' + info.get('model', 'digits'):<{n}}{'':>6}{'':>11}{'':>9}{'':>7}{info['real_train_vs_test_fd']:>8.2f}")
     lines.append(f"({info['num_samples']} samples per row, {info['steps']} {info['solver']} steps, seed {info['seed']}; "
+                 f"real = {info.get('real_fd_samples', 500)} train images vs the held-out test split; "
                  f"win = seed-paired share with higher margin than plain CFG, ties count for neither)")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="base digits model")
-    p.add_argument("--neg-ckpt", action="append", required=True,
-                   help="NPO offset(s): delta.safetensors, a LoRA or a full digits model; repeat the flag to compare several")
+    p.add_argument("--model", default="digits", choices=sorted(CLASSIFIERS), help="which small model")
+    p.add_argument("--weights", default=None, help="base model (default: weights/digits or weights/fashion)")
+    p.add_argument("--neg-ckpt", action="append", default=[],
+                   help="NPO offset(s): delta.safetensors, a LoRA or a full model; repeat the flag to compare several")
+    p.add_argument("--autoguide", action="append", default=[],
+                   help="autoguidance guide(s): a weaker full model of the same family (e.g. weights/fashion-30pct), "
+                        "used at the conditional class; repeatable")
     p.add_argument("--beta", type=float, default=1.0, help="delta scale in theta_neg = theta + beta * delta")
     p.add_argument("--guidance-scales", default="1.5,2,3,5", help="comma-separated CFG scales")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class and scale")
@@ -98,7 +135,9 @@ def main(argv=None):
     if not all(math.isfinite(s) for s in scales):
         raise ValueError(f"--guidance-scales must be finite numbers (got {args.guidance_scales}).")
     out = cli.check_out([Path(args.out) / "eval.json"], args.overwrite, "eval.benchmark.evaluate")[0]
-    pipe = load_pipeline("digits", args.weights)
+    if not args.neg_ckpt and not args.autoguide:
+        raise ValueError("nothing to compare with plain CFG: give --neg-ckpt and/or --autoguide.")
+    pipe = load_pipeline(args.model, args.weights or default_weights(args.model))
     unet, embed = pipe.denoiser, pipe.class_embedding
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     negatives = {}
@@ -109,7 +148,10 @@ def main(argv=None):
         while name in negatives:  # two runs/x/delta.safetensors: x, x#1 (a row never vanishes)
             name, i = f"{stem}#{i}", i + 1
         negatives[name] = negative_model(unet, base, delta=delta, beta=args.beta)
-    rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, args.steps)
+    for path in args.autoguide:
+        weak = load_pipeline(args.model, path)
+        negatives[f"autoguide:{Path(path).name}"] = Autoguide(weak.denoiser, weak.class_embedding)
+    rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, args.steps, model=args.model)
     bad = [f"{r['method']} at scale {r['guidance_scale']:g}" for r in rows
            if not all(math.isfinite(r[k]) for k in ("log_p", "margin", "fd"))]
     if bad:

@@ -1,14 +1,18 @@
 """The README's results, in one command: plain CFG vs Self-NPO (K = 5) vs full simulation (K = 25).
 
     python -m eval.benchmark.results --out eval/reports/digits
+    python -m eval.results --model fashion       # the same for Fashion-MNIST, with autoguidance (eval/reports/fashion)
 
 Trains (or reuses, if already in --out) the Self-NPO delta with the digits defaults and the paper's
 full-simulation baseline (K = N = 25 from pure noise) with the same steps, builds the two controls
 (the base model's own negative branch = plain CFG; a random offset with the same per-tensor norm as
 the K = 5 delta), evaluates all of them over a sweep of guidance scales with eval.benchmark.evaluate, and
-writes results.json, results.md (tables) and curves.png (margin against Frechet distance, one
-curve per method across guidance scales). `--extra NAME="--lr 1e-5"` adds trained variants
-(sweeps of learning rate, steps, rollout w, ...); `--betas` adds beta scalings of the K = 5 delta.
+writes results.json, results.md (tables), curves.png (margin against Frechet distance, one
+curve per method across guidance scales) and curves_accuracy.png (the same with accuracy).
+`--extra NAME="--lr 1e-5"` adds trained variants (sweeps of learning rate, steps, rollout w, ...);
+`--betas` adds beta scalings of the K = 5 delta; `--autoguide` adds autoguidance (Karras et al. 2024)
+with a weaker checkpoint of the same run as the negative branch at the conditional class (fashion
+default: the 10% and 30% snapshots of its pretraining, weights/fashion-10pct and -30pct).
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from eval.benchmark.evaluate import evaluate, format_table
+from eval.benchmark.evaluate import Autoguide, evaluate, format_table
 from npo_min import cli
 from npo_min.checkpoint import atomic_write, read_metadata
-from npo_min.digits import DEFAULT_WEIGHTS
 from npo_min.guidance import negative_model
 from npo_min.offsets import read_delta
-from npo_min.pipelines import ROOT, load_pipeline
+from npo_min.pipelines import ROOT, default_weights, load_pipeline
+
+PER_MODEL = {  # defaults that differ by model: digits as the README's original table; fashion sized for ~2 h on 2 cores
+    "digits": dict(num_per_class=50, guidance_scales="1.5,2,3,4,6", autoguide=""),
+    "fashion": dict(num_per_class=20, guidance_scales="1.5,3,5", autoguide="weights/fashion-10pct,weights/fashion-30pct"),
+}
 
 
 # delta metadata key -> train.py flag (dest): the recipe a reused delta must have been trained with
@@ -57,7 +65,7 @@ def train_variant(out: Path, name: str, extra: str, weights: str, common: str, r
     Raises ValueError: a delta is there, trained with another recipe, and `retrain` is off.
     """
     delta = out / name / "delta.safetensors"
-    argv = shlex.split(f"--weights {weights} --out {out / name} {common} {extra}")
+    argv = shlex.split(f"--weights {shlex.quote(str(weights))} --out {shlex.quote(str(out / name))} {common} {extra}")
     if delta.exists():
         changes = recipe_changes(delta, argv)
         if not changes:
@@ -82,18 +90,19 @@ def random_like(delta: dict, seed: int) -> dict:
     return out
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
-    """Margin (y) against Frechet distance (x), one polyline per method across guidance scales."""
+def plot_curves(rows: list[dict], path: Path, metric: str = "margin", what: str = "held-out digits") -> None:
+    """`metric` ("margin" or "accuracy") against Frechet distance (x), one polyline per method across guidance scales."""
     W, H, pad = 720, 480, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    xs, ys = [r["fd"] for r in rows], [r["margin"] for r in rows]
+    xs, ys = [r["fd"] for r in rows], [r[metric] for r in rows]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
     sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
     d.rectangle([pad, pad, W - pad, H - pad], outline="black")
-    d.text((W // 2 - 110, H - pad + 30), "Frechet distance to held-out digits (lower is better)", fill="black")
-    d.text((8, pad - 30), "mean margin of the intended class (higher is better)", fill="black")
+    d.text((W // 2 - 110, H - pad + 30), f"Frechet distance to {what} (lower is better)", fill="black")
+    label = "mean margin of the intended class" if metric == "margin" else "share classified as the intended class"
+    d.text((8, pad - 30), f"{label} (higher is better)", fill="black")
     for v in (x0, x1):
         d.text((sx(v) - 10, H - pad + 6), f"{v:.1f}", fill="black")
     for v in (y0, y1):
@@ -101,7 +110,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     colors = ["black", "red", "blue", "green", "orange", "purple", "brown", "magenta", "cyan", "gray"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, m in enumerate(methods):
-        pts = [(sx(r["fd"]), sy(r["margin"]), r["guidance_scale"]) for r in rows if r["method"] == m]
+        pts = [(sx(r["fd"]), sy(r[metric]), r["guidance_scale"]) for r in rows if r["method"] == m]
         c = colors[i % len(colors)]
         d.line([(x, y) for x, y, _ in pts], fill=c, width=2)
         for x, y, s in pts:
@@ -113,19 +122,27 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "eval" / "reports" / "digits"), help="output folder (deltas are reused from here)")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="base digits model")
-    p.add_argument("--common", default="--no-progress", help="train.py flags shared by every variant")
+    p.add_argument("--model", default="digits", choices=sorted(PER_MODEL), help="which small model")
+    p.add_argument("--out", default=None, help="output folder, deltas are reused from here (default: eval/reports/MODEL)")
+    p.add_argument("--weights", default=None, help="base model (default: weights/MODEL)")
+    p.add_argument("--common", default="--no-progress", help="train.py flags shared by every variant (--model is added)")
     p.add_argument("--no-full", action="store_true", help="skip the K = 25 full-simulation baseline")
     p.add_argument("--extra", action="append", default=[], metavar='NAME="FLAGS"', help="extra trained variant")
     p.add_argument("--betas", default="", help="extra beta scalings of the K = 5 delta, e.g. 0.5,2")
-    p.add_argument("--guidance-scales", default="1.5,2,3,4,6", help="comma-separated CFG scales")
-    p.add_argument("--num-per-class", type=int, default=50, help="samples per class and scale")
+    p.add_argument("--autoguide", default=None, help="comma-separated weaker checkpoints for autoguidance "
+                   "(default: none for digits; fashion: weights/fashion-10pct,weights/fashion-30pct); '' for none")
+    p.add_argument("--guidance-scales", default=None, help="comma-separated CFG scales (default: digits 1.5,2,3,4,6; fashion 1.5,3,5)")
+    p.add_argument("--num-per-class", type=int, default=None, help="samples per class and scale (default: digits 50, fashion 20)")
     p.add_argument("--seed", type=int, default=1234, help="sampling noise seed")
     p.add_argument("--retrain", action="store_true", help="retrain a variant whose delta in --out has another recipe")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    for key, value in PER_MODEL[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.weights = args.weights or default_weights(args.model)
+    out = Path(args.out or ROOT / "eval" / "reports" / args.model)
     out.mkdir(parents=True, exist_ok=True)
+    common = f"--model {args.model} {args.common}"
 
     variants = {"self-npo-k5": ""}
     if not args.no_full:
@@ -133,9 +150,9 @@ def main(argv=None):
     for item in args.extra:
         name, _, flags = item.partition("=")
         variants[name] = flags.strip('"')
-    deltas = {name: train_variant(out, name, flags, args.weights, args.common, args.retrain) for name, flags in variants.items()}
+    deltas = {name: train_variant(out, name, flags, args.weights, common, args.retrain) for name, flags in variants.items()}
 
-    pipe = load_pipeline("digits", args.weights)
+    pipe = load_pipeline(args.model, args.weights)
     unet, embed = pipe.denoiser, pipe.class_embedding
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     negatives, cost = {}, {}
@@ -148,9 +165,12 @@ def main(argv=None):
             for b in filter(None, args.betas.split(",")):
                 negatives[f"k5-beta{b}"] = negative_model(unet, base, delta=delta, beta=float(b))
             negatives["random-norm"] = negative_model(unet, base, delta=random_like(delta, seed=0))
+    for path in filter(None, args.autoguide.split(",")):
+        weak = load_pipeline(args.model, path if Path(path).is_absolute() else ROOT / path)
+        negatives[f"autoguide-{Path(path).name}"] = Autoguide(weak.denoiser, weak.class_embedding)
     scales = [float(s) for s in args.guidance_scales.split(",")]
     start = time.time()
-    rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed)
+    rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, model=args.model)
     info["eval_seconds"] = time.time() - start
 
     table = format_table(rows, info)
@@ -164,8 +184,10 @@ def main(argv=None):
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
         json.dumps({"rows": rows, "info": info, "cost": cost, "variants": variants, "args": vars(args),
                     "metadata": {n: read_metadata(p) for n, p in deltas.items()}}, indent=2)))
-    plot_curves(rows, out / "curves.png")
-    print(f"wrote {out / 'results.md'}, results.json, curves.png")
+    what = "held-out digits" if args.model == "digits" else f"the held-out {args.model} test split"
+    plot_curves(rows, out / "curves.png", "margin", what)
+    plot_curves(rows, out / "curves_accuracy.png", "accuracy", what)
+    print(f"wrote {out / 'results.md'}, results.json, curves.png, curves_accuracy.png")
 
 
 if __name__ == "__main__":

@@ -3,20 +3,19 @@
 PickScore and the OpenAI ViT-L/14 of the aesthetic predictor ship in transformers' `CLIPModel`
 layout (the one `npo_min/clip.py` mirrors); HPSv2.1's `HPS_v2.1_compressed.pt` is an OpenCLIP
 checkpoint (weights under 'state_dict', fused `in_proj` attention, transposed projections), which
-`open_clip_to_hf` maps onto that layout. Pickled files load only with `torch.load(weights_only=True)`.
+`npo_min.clip.open_clip_to_hf` maps onto that layout. Pickled files load only with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
-from npo_min.clip import (
+from npo_min.clip import (  # open_clip_to_hf lives with the models (SDXL's text_encoder_2 needs it too)
     HF_TEXT_NAMES,
     HF_VISION_NAMES,
     CLIPConfig,
@@ -26,74 +25,8 @@ from npo_min.clip import (
     CLIPVisionModel,
     VISION_PRESETS,
     get_clip_config,
+    open_clip_to_hf,
 )
-
-# OpenCLIP (open_clip / HPSv2) names -> transformers CLIPModel names, used by open_clip_to_hf.
-OPEN_CLIP_MODULES = {  # whole modules or tensors outside the transformer blocks
-    "visual.conv1": "vision_model.embeddings.patch_embedding",
-    "visual.class_embedding": "vision_model.embeddings.class_embedding",
-    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.ln_pre": "vision_model.pre_layrnorm",
-    "visual.ln_post": "vision_model.post_layernorm",
-    "token_embedding": "text_model.embeddings.token_embedding",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final": "text_model.final_layer_norm",
-}
-OPEN_CLIP_BLOCK = {  # inside `[visual.]transformer.resblocks.{i}.`; attn.in_proj_{weight,bias} is split
-    "ln_1": "layer_norm1",
-    "attn.out_proj": "self_attn.out_proj",
-    "ln_2": "layer_norm2",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
-OPEN_CLIP_PROJECTIONS = {  # stored as (width, dim) matrices applied as x @ proj: transpose into nn.Linear
-    "visual.proj": "visual_projection.weight",
-    "text_projection": "text_projection.weight",
-}
-_OPEN_CLIP_BLOCK_KEY = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
-
-
-def open_clip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The one map from an OpenCLIP `CLIP` state dict to the transformers CLIPModel layout.
-
-    - a `module.` prefix (checkpoints saved from a DistributedDataParallel wrapper) is removed;
-    - `attn.in_proj_weight` (3 D, D) / `attn.in_proj_bias` (3 D,) of nn.MultiheadAttention are the
-      q, k, v projections stacked in that order: split into q_proj / k_proj / v_proj;
-    - `visual.proj` and `text_projection` (width, dim) become bias-free Linear weights (dim, width);
-    - the causal `attn_mask` buffer some saves contain is dropped (our text tower builds it);
-    - every other name is renamed with OPEN_CLIP_MODULES / OPEN_CLIP_BLOCK; `logit_scale` keeps its
-      name. Unknown keys pass through unchanged, so a strict load reports them.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        key = key.removeprefix("module.")
-        if key == "attn_mask" or key.endswith(".attn_mask"):
-            continue
-        if key in OPEN_CLIP_PROJECTIONS:
-            out[OPEN_CLIP_PROJECTIONS[key]] = value.T.contiguous()
-            continue
-        block = _OPEN_CLIP_BLOCK_KEY.fullmatch(key)
-        if block:
-            visual, index, name = block.groups()
-            prefix = f"{'vision_model' if visual else 'text_model'}.encoder.layers.{index}."
-            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = name.rsplit("_", 1)[1]  # weight / bias
-                for proj, part in zip("qkv", value.chunk(3, dim=0)):
-                    out[f"{prefix}self_attn.{proj}_proj.{kind}"] = part.contiguous()
-                continue
-            out[prefix + _rename_prefix(name, OPEN_CLIP_BLOCK)] = value
-            continue
-        out[_rename_prefix(key, OPEN_CLIP_MODULES)] = value
-    return out
-
-
-def _rename_prefix(key: str, renames: dict[str, str]) -> str:
-    """Replace the first `old` of renames that is the whole key or a dotted prefix of it."""
-    for old, new in renames.items():
-        if key == old or key.startswith(old + "."):
-            return new + key[len(old):]
-    return key
-
 
 def to_clip_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A CLIPModel state dict in either layout -> the transformers layout of CLIPModel.

@@ -41,6 +41,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -137,9 +138,22 @@ def match_prompts(names: list[str], prompts: list[str]) -> tuple[list[str], list
 
 
 def open_image(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
+    """The image at `path`, loaded. Warns on a degenerate one (a side under 8 px, or fully transparent): it
+    scores, but its score says nothing about a generated image.
+
+    Raises ValueError: not a readable image (the message names the file).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.copy()
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
+        raise ValueError(f"{path} is not a readable image ({e}): remove or replace it.") from None
+    if min(im.size) < 8:
+        warnings.warn(f"{path} is {im.width}x{im.height} px: a degenerate image, its score is not meaningful.", stacklevel=2)
+    elif "A" in im.getbands() and im.getchannel("A").getextrema()[1] == 0:
+        warnings.warn(f"{path} is fully transparent: its score is that of the hidden colour values.", stacklevel=2)
+    return im
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ tokenizer) -> Pipeline`. The scripts only talk to a `Pipeline`:
     pipe.decode(x0)                                  # (B, C, H, W) images in [-1, 1]
     pipe.read_weights(path)                          # a full denoiser checkpoint in module names (key map)
     pipe.self_npo_batches(data, batch_size, gen)     # endless (x0, cond) batches for Self-NPO
+    pipe.prediction_type, pipe.set_alpha_to_one      # what the denoiser outputs (eps or v), DDIM's last alpha
+    pipe.video                                       # x0 (B, F, C, h, w) and decode -> (B, C, F, H, W) clips
 
 `MODELS` is the one table of per-model defaults: the base weights, the Self-NPO recipe and the
 sampler. Adding a family is adding its model files, its pipeline file and one row here.
@@ -18,6 +20,7 @@ sampler. Adding a family is adding its model files, its pipeline file and one ro
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,11 @@ class Pipeline:
         name: a description of the loaded base (recorded in a delta's metadata).
         class_names: the prompts of a class-conditional model (sample.py's default), else None.
         latent_scale: pixels per latent pixel (8 for SD's VAE, 1 for pixel-space models).
+        prediction_type: the denoiser's output, "epsilon" (SD, digits) or "v_prediction" (CogVideoX); the
+            schedule's to_x0 / to_eps turn it into x0 and eps for the solvers and Self-NPO.
+        set_alpha_to_one: DDIM's final alpha past t = 0 (the family's scheduler config; CogVideoX: True).
+        video: samples are clips: `noise` takes num_frames, x0 is `(B, F, C, h, w)`, `decode` returns
+            `(B, C, F, H, W)`; sample.py writes animated GIFs.
     """
 
     denoiser: torch.nn.Module
@@ -48,6 +56,9 @@ class Pipeline:
     name: str
     class_names: list[str] | None = None
     latent_scale: int = 1
+    prediction_type: str = "epsilon"
+    set_alpha_to_one: bool = False
+    video: bool = False
 
     def encode(self, prompts: list[str]) -> Cond:
         """Prompts (class names for class-conditional models) -> the positive conditioning c, batch len(prompts)."""
@@ -67,10 +78,14 @@ class Pipeline:
             raise ValueError(f"--height and --width must be positive multiples of {s}; got {height} x {width}.")
         return (self.denoiser.cfg.in_channels, height // s, width // s)
 
-    def noise(self, n: int, first_seed: int, height: int, width: int) -> torch.Tensor:
-        """x_T ~ N(0, I) `(n, C, h, w)`, float32 on the CPU; sample i from a generator seeded first_seed + i,
-        so a sample does not depend on the batch it is drawn in."""
-        shape = self.noise_shape(height, width)
+    def set_image_size(self, height: int, width: int) -> None:
+        """The size `encode` conditions on, for families whose conditioning includes it (SDXL's time ids);
+        the others ignore it."""
+
+    def noise(self, n: int, first_seed: int, height: int, width: int, **frames) -> torch.Tensor:
+        """x_T ~ N(0, I) `(n, *noise_shape)`, float32 on the CPU; sample i from a generator seeded first_seed + i,
+        so a sample does not depend on the batch it is drawn in. Video families take `num_frames=`."""
+        shape = self.noise_shape(height, width, **frames)
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(first_seed + i)) for i in range(n)])
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -84,6 +99,21 @@ class Pipeline:
     def self_npo_batches(self, data: str | None, batch_size: int, generator: torch.Generator,
                          resolution: int | None = None) -> Iterator[tuple[torch.Tensor, Cond]]:
         """Endless `(x0 (B, C, h, w), cond)` batches of real data for Self-NPO's rollout start (Eq. 14)."""
+        raise NotImplementedError
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder once every prompt is encoded (families with a large one, e.g. T5-XXL)."""
+
+    def load_pixels(self, path: str | os.PathLike, resolution: int | None = None) -> torch.Tensor:
+        """An image file -> `(C, H, W)` pixels in [-1, 1] as the model sees them (preference pairs, npo_min/pairs.py)."""
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels `(B, C, H, W)` in [-1, 1] -> (mean, std) of the model's x0 (VAE posterior; std 0 in pixel space)."""
+        raise NotImplementedError
+
+    def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
+        """As `decode`, but differentiable (reward fine-tuning back-propagates through it); not clamped."""
         raise NotImplementedError
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
@@ -103,6 +133,7 @@ class ModelSpec:
     train: dict = field(default_factory=dict)   # Self-NPO defaults: steps, batch_size, lr, ...
     sample: dict = field(default_factory=dict)  # sampling defaults: guidance_scale, steps, solver, spacing, size
     pretrain: dict | None = None     # `train.py --method pretrain` defaults; None = comes pretrained
+    npo: dict = field(default_factory=dict)  # Diffusion-NPO trainers (dpo-npo, reward-npo, ...) defaults; {} = none yet
 
 
 MODELS = {
@@ -111,14 +142,50 @@ MODELS = {
         "npo_min.pipelines.digits", "weights/digits",
         train=dict(steps=400, batch_size=64, grad_accum=1, lr=1e-4, weight_decay=1e-3),
         sample=dict(guidance_scale=3.0, steps=25, solver="ddim", spacing="trailing", height=8, width=8, batch_size=100),
-        pretrain=dict(steps=4000, batch_size=128, lr=1e-3)),  # AdamW, warm-up + cosine, 10% label dropout, EMA 0.999
+        pretrain=dict(steps=4000, batch_size=128, lr=1e-3),  # AdamW, warm-up + cosine, 10% label dropout, EMA 0.999
+        # Sized for 2 CPU cores; beta and lr chosen on this model (README, Diffusion-NPO on digits), LoRA rank as the authors'.
+        npo=dict(steps=200, batch_size=64, grad_accum=1, lr=1e-3, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward="digits-margin", reward_k=1, sample_steps=10, guidance_scale=3.0)),
+    # Fashion-MNIST 28x28 (npo_min/fashion.py), sized for 2 CPU cores: pretraining <= 60 min on one torch thread
+    # (threads=1 makes it reproducible), with the 10% and 30% EMA snapshots of the same run as the weak models of
+    # autoguidance (written to OUT-10pct/, OUT-30pct/). Self-NPO at the digits recipe, fewer steps (28x28 costs ~12x 8x8).
+    "fashion": ModelSpec(
+        "npo_min.pipelines.fashion", "weights/fashion",
+        train=dict(steps=200, batch_size=32, grad_accum=1, lr=1e-4, weight_decay=1e-3),
+        sample=dict(guidance_scale=3.0, steps=25, solver="ddim", spacing="trailing", height=28, width=28, batch_size=100),
+        pretrain=dict(steps=1600, batch_size=32, lr=1e-3, ema_rate=0.995, threads=1, snapshots=(0.1, 0.3))),
     # The authors' SD1.5 recipe (Self-NPO/train.sh): lr 1e-6, AdamW wd 1e-3, 1000 steps, batch 80 = 20 x 4
     # accumulation on one GPU; sampling as their evaluation: DPM-Solver++(2M) 25 steps, scale 7.5, 512 px.
     # Their DPMSolverMultistep used "linspace" spacing (999, 959, ..., 40); "trailing" (999, ..., 39) is the nearest here.
     "sd15": ModelSpec(
         "npo_min.pipelines.sd15", None,
         train=dict(steps=1000, batch_size=20, grad_accum=4, lr=1e-6, weight_decay=1e-3),
-        sample=dict(guidance_scale=7.5, steps=25, solver="dpmpp_2m", spacing="trailing", height=512, width=512, batch_size=4)),
+        sample=dict(guidance_scale=7.5, steps=25, solver="dpmpp_2m", spacing="trailing", height=512, width=512, batch_size=4),
+        # The authors' Diffusion-NPO DPO recipe (REFERENCE.md): LoRA rank 8 on to_q/to_k/to_v/to_out.0, beta 500
+        # (SDXL: 2000), lr 5e-6, batch 64 = 8 x 8 accumulation, 2000 steps; reward-NPO: DRaFT-1 on PickScore.
+        npo=dict(steps=2000, batch_size=8, grad_accum=8, lr=5e-6, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward="pickscore", reward_k=1, sample_steps=25, guidance_scale=7.5)),
+    # The authors' SDXL recipe (Self-NPO/train_xl.py, train_xl.sh): lr 1e-7, AdamW weight decay 0, 1000 steps, batch 10,
+    # 1024 px, rollout w = -5 with zero unconditional embeddings (K 5 of N 25, EMA 0.999, pseudo-Huber 0.001 are the
+    # shared defaults); sampling as their gen_xl.py: DPM-Solver++(2M) 25 steps, scale 5, 1024 px (`--solver euler`
+    # is the other usual SDXL sampler); "leading" spacing with offset 1, as the scheduler config SDXL ships.
+    "sdxl": ModelSpec(
+        "npo_min.pipelines.sdxl", None,
+        train=dict(steps=1000, batch_size=10, grad_accum=1, lr=1e-7, weight_decay=0.0, rollout_w=-5.0, resolution=1024),
+        sample=dict(guidance_scale=5.0, steps=25, solver="dpmpp_2m", spacing="leading", height=1024, width=1024, batch_size=2),
+        # Diffusion-NPO's SDXL DPO recipe: as SD1.5's with beta 2000 (sdxl_beta2k_2kiter), 1024 px.
+        npo=dict(steps=2000, batch_size=8, grad_accum=8, lr=5e-6, weight_decay=1e-2, lora_rank=8, dpo_beta=2000.0,
+                 reward="pickscore", reward_k=1, sample_steps=25, guidance_scale=5.0, resolution=1024)),
+    # CogVideoX 2B / 5B (the authors' repository has no CogVideoX code; the paper states no video recipe).
+    # Sampling is CogVideoXPipeline's: scale 6, 50 DDIM steps, trailing, 49 frames at 480 x 720, c' = T5("").
+    # Self-NPO: the step is the paper's (N 25, K 5, w -1, EMA 0.999, pseudo-Huber 0.001: train.py's flags);
+    # the optimisation is ours: the SD1.5 lr 1e-6 and wd 1e-3, 1000 steps, batch 8 = 1 clip x 8 accumulation
+    # (one 49-frame clip is 17,550 video tokens), on clips of 49 frames at 480 x 720, the model's training size.
+    "cogvideox": ModelSpec(
+        "npo_min.pipelines.cogvideox", None,
+        train=dict(steps=1000, batch_size=1, grad_accum=8, lr=1e-6, weight_decay=1e-3, resolution="480x720", num_frames=49),
+        sample=dict(guidance_scale=6.0, steps=50, solver="ddim", spacing="trailing", height=480, width=720, num_frames=49,
+                    batch_size=1)),
 }
 
 
@@ -131,9 +198,17 @@ def default_weights(model: str) -> str | None:
 def load_pipeline(model: str, weights: str | os.PathLike, **options) -> Pipeline:
     """`MODELS[model]`'s family `load(weights, **options)`: device, dtype, config, tokenizer as the family takes.
 
+    Options the family's load does not take are dropped when None (a CLI flag left unset) and refused otherwise.
+
     Raises:
-        ValueError: unknown model name. CheckpointError: what the family's loader raises.
+        ValueError: unknown model name, or an option this family does not take. CheckpointError: what the
+            family's loader raises.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose one of {sorted(MODELS)}.")
-    return importlib.import_module(MODELS[model].module).load(weights, **options)
+    load = importlib.import_module(MODELS[model].module).load
+    takes = inspect.signature(load).parameters
+    foreign = sorted(k for k, v in options.items() if k not in takes and v is not None)
+    if foreign:
+        raise ValueError(f"--model {model} does not take {', '.join('--' + k.replace('_', '-') for k in foreign)}.")
+    return load(weights, **{k: v for k, v in options.items() if k in takes})

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..checkpoint import load_state_dict
 from ..data import MappedBatches, shuffled_batches
@@ -21,17 +23,19 @@ from . import Pipeline
 class DigitsPipeline(Pipeline):
     class_names = [str(i) for i in range(NUM_CLASSES)]
     latent_scale = 1
+    family = "digits"
 
     def __init__(self, unet: torch.nn.Module, class_embedding: ClassEmbedding, name: str):
         self.denoiser, self.class_embedding, self.name = unet, class_embedding, name
         self.schedule = NoiseSchedule.sd()
 
     def labels(self, prompts: list[str]) -> torch.Tensor:
-        """Class names "0".."9" -> labels `(B,)`. Raises ValueError for any other prompt."""
+        """Class names (digits: "0".."9") -> labels `(B,)`, the index in class_names. Raises ValueError for any other prompt."""
         bad = [p for p in prompts if p.strip() not in self.class_names]
         if bad:
-            raise ValueError(f"the digits model takes class names 0..9 as prompts; got {bad[:3]}.")
-        return torch.tensor([int(p) for p in prompts])
+            names = "0..9" if self.family == "digits" else ", ".join(self.class_names)
+            raise ValueError(f"the {self.family} model takes class names {names} as prompts; got {bad[:3]}.")
+        return torch.tensor([self.class_names.index(p.strip()) for p in prompts])
 
     @torch.no_grad()
     def encode(self, prompts):
@@ -44,14 +48,34 @@ class DigitsPipeline(Pipeline):
     def decode(self, x0):
         return x0.clamp(-1, 1)  # pixel space
 
+    @staticmethod
+    def train_split() -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (N, 1, h, w) in [-1, 1], labels (N,)) of the family's train split."""
+        return load_digits("train")
+    def load_pixels(self, path, resolution=None):
+        """An S x S greyscale PNG (as sample.py writes; S = 8 digits, 28 fashion) -> `(1, S, S)` in [-1, 1];
+        ValueError for another size."""
+        side = self.denoiser.cfg.sample_size
+        with Image.open(path) as im:
+            if im.size != (side, side):
+                raise ValueError(f"{path} is {im.size[0]}x{im.size[1]}: the {self.family} model takes {side}x{side} images.")
+            x = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32).copy())
+        return (x / 127.5 - 1.0)[None]  # (S, S) -> (1, S, S), the inverse of images.to_pil
+
+    def encode_pixels(self, pixels):
+        return pixels.float(), torch.zeros_like(pixels, dtype=torch.float32)
+
+    def decode_with_grad(self, x0):
+        return x0
+
     def read_weights(self, path):
         path = Path(path)
         return load_state_dict(path / "model.safetensors" if path.is_dir() else path, prefix="unet.")
 
     def self_npo_batches(self, data, batch_size, generator, resolution=None):
         if data is not None:
-            raise ValueError("--data does not apply to --model digits: its Self-NPO data is the vendored train split.")
-        images, labels = load_digits("train")  # the held-out split never enters training
+            raise ValueError(f"--data does not apply to --model {self.family}: its Self-NPO data is its own train split.")
+        images, labels = self.train_split()  # the held-out split never enters training
         with torch.no_grad():
             contexts = self.class_embedding(labels)
         return MappedBatches(shuffled_batches(len(images), batch_size, generator), lambda idx: (images[idx], contexts[idx]))

@@ -24,6 +24,7 @@ from ..clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
 from ..data import MappedBatches, image_caption_pairs, load_image, shuffled_batches
 from ..schedule import NoiseSchedule
+from ..sdxl import checkpoint_family
 from ..unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, load_unet, read_unet_weights, unet_config_from_diffusers
 from ..vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, decode_latents, ldm_vae_to_diffusers, load_vae
 from . import Pipeline
@@ -95,7 +96,24 @@ class SD15Pipeline(Pipeline):
         return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float().clamp(-1, 1)
 
     def read_weights(self, path):
+        if checkpoint_family(path) == "sdxl":
+            raise CheckpointError(f"{path} is an SDXL checkpoint, not an SD1.5 one: use it with --model sdxl.")
         return read_unet_weights(path, self.config.unet)
+
+    def load_pixels(self, path, resolution=512):
+        if resolution % self.vae.downscale:
+            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
+        return load_image(path, resolution)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels):
+        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
+        vae, sf = self.vae, self.vae.cfg.scaling_factor
+        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
+        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
+
+    def decode_with_grad(self, x0):
+        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
 
     def self_npo_batches(self, data, batch_size, generator, resolution=512):
         """Every image of `data` encoded once with the frozen VAE, its caption once with CLIP; each batch then
@@ -159,6 +177,8 @@ def load(weights: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = t
     path = Path(weights)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}. Pass an SD1.5 single file or diffusers folder (big files go under weights/).")
+    if checkpoint_family(path) == "sdxl":
+        raise CheckpointError(f"{path} is an SDXL checkpoint (two text encoders, micro-conditioning), not SD1.5: use --model sdxl.")
     if path.is_dir():
         cfg = config_from_folder(path) if config is None else get_config(config)
         unet = load_unet(path / "unet", cfg.unet, dtype)

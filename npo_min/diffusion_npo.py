@@ -1,0 +1,184 @@
+"""Diffusion-NPO training (Wang et al. 2025): a model of what people DISLIKE, for the negative branch of CFG.
+
+Three trainers, each fine-tuning `model` in place (all weights, or a LoRA: npo_min/lora.py) and returning
+the per-step log; `delta = trained - base` (or the LoRA) is then used as theta_neg = theta + beta * delta:
+
+  dpo_npo            Diffusion-DPO on preference pairs with each pair reversed (Diffusion-NPO Eq. 8).
+                     reverse=False is ordinary Diffusion-DPO: its offset is the eta of Eq. 10, so the
+                     negative branch theta + alpha * eta + beta * delta takes both from this one trainer.
+  reward_npo         Differentiable-reward fine-tuning with the reward reversed, R_npo = 1 - R (Diffusion-NPO
+                     Eq. 7, R in [0, 1]): the model samples with CFG (its own positive and negative branch),
+                     the decoded sample is scored, and the loss -R_npo = R - 1 is back-propagated through the
+                     last K denoising steps only (DRaFT-K, Clark et al. 2023; K = 1 is ReFL-like). This is the
+                     paper's equation: the trained model's OWN samples are pushed to low reward.
+  guided_reward_npo  The variant of the authors' video code (DR-Video-NPO, on VADER): the positive branch is
+                     the frozen base on c, the negative branch the trained model on c', and the loss 1 - R of
+                     the CFG-GUIDED sample trains the negative branch so that guidance away from it raises the
+                     reward. Not Eq. 7: it optimises the guided output directly (see REFERENCE.md).
+
+The frozen reference / base is the model itself with its LoRA switched off when it has one, else a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .dpo import dpo_step_loss
+from .guidance import Cond, guided_denoiser
+from .lora import lora_disabled, lora_layers
+from .schedule import NoiseSchedule
+from .solvers import make_timesteps
+
+
+def frozen_reference(model: torch.nn.Module) -> Callable:
+    """The base model as a gradient-free denoiser `f(x, t, cond)`: the same module with every LoRA off, or a
+    frozen copy taken now (full fine-tuning)."""
+    if lora_layers(model):
+        def reference(x, t, cond):
+            with torch.no_grad(), lora_disabled(model):
+                return model(x, t, cond)
+        return reference
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def reference(x, t, cond):
+        with torch.no_grad():
+            return copy_(x, t, cond)
+    return reference
+
+
+def optimize(model: torch.nn.Module, micro_step: Callable[[], tuple[torch.Tensor, dict]], steps: int, lr: float,
+             weight_decay: float, grad_clip: float, grad_accum: int, autocast_dtype: torch.dtype | None,
+             device_type: str, progress: bool, desc: str) -> list[dict]:
+    """AdamW on the model's trainable parameters, `grad_accum` micro-steps per step (loss / grad_accum each),
+    gradient-norm clipping; returns [{step, loss, grad_norm, seconds, **stats of the last micro-step}].
+
+    Raises ValueError: steps or grad_accum < 1, no trainable parameter, or a non-finite loss (lower --lr).
+    """
+    if steps < 1 or grad_accum < 1:
+        raise ValueError(f"steps and grad_accum must be >= 1; got {steps}, {grad_accum}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters.")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    log, start = [], time.time()
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress)
+    for step in bar:
+        total, stats = 0.0, {}
+        for _ in range(grad_accum):
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, stats = micro_step()
+            (loss / grad_accum).backward()
+            total += loss.item() / grad_accum
+        if not torch.isfinite(torch.tensor(total)):
+            raise ValueError(f"{desc}: the loss became {total} at step {step}: lower --lr (nothing was written).")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        entry = {"step": step, "loss": total, "grad_norm": grad_norm, **stats, "seconds": time.time() - start}
+        log.append(entry)
+        bar.set_postfix(loss=f"{total:.4g}")
+    model.eval()
+    return log
+
+
+def dpo_npo(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor, Cond]], schedule: NoiseSchedule,
+            beta: float, reverse: bool = True, *, steps: int, lr: float, weight_decay: float = 1e-2,
+            grad_clip: float = 1.0, grad_accum: int = 1, autocast_dtype: torch.dtype | None = None,
+            generator: torch.Generator | None = None, progress: bool = True) -> list[dict]:
+    """Diffusion-DPO (reverse=False) or DPO-NPO (reverse=True, Eq. 8) on `(x_w, x_l, cond)` batches
+    (npo_min/pairs.py). Loss and per-pair shared noise / timestep: npo_min/dpo.py."""
+    reference = frozen_reference(model)
+    device = next(model.parameters()).device
+
+    def micro_step():
+        x_w, x_l, cond = next(batches)
+        return dpo_step_loss(model, reference, x_w, x_l, cond, schedule, beta, reverse, generator)
+
+    return optimize(model, micro_step, steps, lr, weight_decay, grad_clip, grad_accum, autocast_dtype, device.type,
+                    progress, "dpo-npo" if reverse else "dpo")
+
+
+def last_k_with_grad(denoise: Callable, num_steps: int, k: int) -> Callable:
+    """DRaFT-K: the wrapped denoiser runs without gradients for the first num_steps - K calls of a sampler
+    with num_steps steps (one call per step, as DDIM), with gradients for the last K."""
+    calls = [0]
+
+    def wrapped(x, t):
+        i = calls[0]
+        calls[0] += 1
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= num_steps - k):
+            return denoise(x, t)
+    return wrapped
+
+
+def ddim_with_grad(denoise: Callable, noise: torch.Tensor, num_steps: int, k: int, schedule: NoiseSchedule,
+                   spacing: str = "trailing") -> torch.Tensor:
+    """Deterministic DDIM (the update of npo_min.solvers.ddim, same timesteps) from x_T = noise `(B, ...)` to x0,
+    differentiable through the last K steps only (DRaFT-K); the earlier steps run without gradients."""
+    ac, T = schedule.alphas_cumprod, schedule.num_train_timesteps
+    ts = make_timesteps(num_steps, spacing, T, solver="ddim")
+    denoise = last_k_with_grad(denoise, num_steps, k)
+    x = noise
+    for i, t in enumerate(ts):
+        t_prev = t - T // len(ts)
+        a_t, a_prev = ac[t].item(), (ac[t_prev] if t_prev >= 0 else ac[0]).item()
+        if i == num_steps - k:
+            x = x.detach()  # the graph starts here
+        eps = denoise(x, torch.full((x.shape[0],), t, device=x.device))
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5  # Tweedie
+        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    return x
+
+
+def reward_npo(model: torch.nn.Module, decode: Callable, reward: Callable, prompts: list[str], encode: Callable,
+               null: Cond, noise_shape: tuple, schedule: NoiseSchedule, *, guided: bool = False,
+               guidance_scale: float, sample_steps: int, k: int = 1, spacing: str = "trailing", steps: int, lr: float,
+               batch_size: int, weight_decay: float = 1e-2, grad_clip: float = 1.0, grad_accum: int = 1,
+               autocast_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+               progress: bool = True) -> list[dict]:
+    """reward-NPO (guided=False, Eq. 7) or the DR-Video-NPO variant (guided=True); see the module docstring.
+
+    decode: x0 `(B, ...)` -> images, differentiable (Pipeline.decode_with_grad); reward: (images, prompts) ->
+    `(B,)` in [0, 1], differentiable (eval/rewards.py); prompts: drawn with replacement, batch_size per
+    micro-step; encode: prompts -> c; null: c' (batch 1); noise_shape: one x_T `(C, h, w)`. Each micro-step
+    samples `sample_steps` DDIM steps from fresh noise with CFG at guidance_scale, gradients through the last
+    K. Logged: reward (mean R of the sampled batch).
+
+    Raises ValueError: K outside 1..sample_steps (and as `optimize`).
+    """
+    if not 1 <= k <= sample_steps:
+        raise ValueError(f"--reward-k must be in 1..{sample_steps} (the sampling steps); got {k}.")
+    device = next(model.parameters()).device
+    base = frozen_reference(model) if guided else None
+    with torch.no_grad():
+        conds = [encode([p]) for p in sorted(set(prompts))]
+    index = {p: i for i, p in enumerate(sorted(set(prompts)))}
+
+    def micro_step():
+        pick = torch.randint(0, len(prompts), (batch_size,), generator=generator)
+        chosen = [prompts[i] for i in pick.tolist()]
+        cond = _stack([conds[index[p]] for p in chosen])
+        x_T = torch.randn((batch_size, *noise_shape), generator=generator).to(device)
+        if guided:  # DR-Video-NPO: frozen positive branch on c, trained negative branch on c'
+            denoise = guided_denoiser(base, model, cond, null, guidance_scale)
+        else:  # Eq. 7: the trained model's own guided samples
+            denoise = guided_denoiser(model, model, cond, null, guidance_scale)
+        x0 = ddim_with_grad(denoise, x_T, sample_steps, k, schedule, spacing)
+        r = reward(decode(x0), chosen)  # (B,) in [0, 1]
+        loss = (1.0 - r).mean() if guided else -(1.0 - r).mean()  # guided: raise R; Eq. 7: maximise R_npo = 1 - R
+        return loss, {"reward": r.mean().item()}
+
+    return optimize(model, micro_step, steps, lr, weight_decay, grad_clip, grad_accum, autocast_dtype, device.type,
+                    progress, "guided-reward-npo" if guided else "reward-npo")
+
+
+def _stack(conds: list[Cond]) -> Cond:
+    if isinstance(conds[0], dict):
+        return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+    return torch.cat(conds)

@@ -1,0 +1,197 @@
+"""The Stable Diffusion XL family on the Pipeline interface: UNet with micro-conditioning (unet.py, preset
+"sdxl"), VAE (vae.py), CLIP-L + OpenCLIP bigG text encoders (clip.py) and their tokenizers, from the single
+file `sd_xl_base_1.0.safetensors` or the diffusers folder (npo_min/sdxl.py has both layouts).
+
+The conditioning is a dict (guidance.Cond):
+    encoder_hidden_states (B, 77, 2048)   CLIP-L | bigG penultimate hidden states
+    text_embeds           (B, 1280)       pooled bigG text embedding
+    time_ids              (B, 6)          (orig h, orig w, crop top, crop left, target h, target w) in pixels
+c' (`null_cond`) is zeros for the text states and the pooled vector (`force_zeros_for_empty_prompt`, as the
+authors' SDXL scripts) and omits time_ids, which both CFG branches share (guidance.share_cond).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..checkpoint import CheckpointError
+from ..clip import CLIPTextModel
+from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
+from ..data import MappedBatches, centre_crop_box, image_caption_pairs, load_image, shuffled_batches
+from ..schedule import NoiseSchedule
+from ..sdxl import SDXLConfig, checkpoint_family, config_from_folder, encode_prompt, get_config, load_parts, time_ids
+from ..unet import UNet2DConditionModel, read_unet_weights
+from ..vae import AutoencoderKL, decode_latents
+from . import Pipeline
+
+
+class SDXLPipeline(Pipeline):
+    """UNet (trainable), VAE and both text encoders (frozen), both tokenizers.
+
+    `image_size` (height, width) is what encode() writes into the time ids as original and target size
+    (crop (0, 0), diffusers' default); sample.py sets it with set_image_size, the default is the model's
+    native size (8 x unet.sample_size = 1024).
+    """
+
+    latent_scale = 8
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer, config: SDXLConfig, name: str):
+        self.denoiser, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.config, self.name, self.schedule = config, name, NoiseSchedule.sd()  # SDXL: the same scaled-linear betas
+        self.latent_scale = vae.downscale
+        side = config.unet.sample_size * self.latent_scale
+        self.image_size = (side, side)
+
+    def set_image_size(self, height, width):
+        self.image_size = (height, width)
+
+    def _text(self, prompts):
+        device = next(self.text_encoder.parameters()).device
+        return encode_prompt(self.text_encoder, self.text_encoder_2, self.tokenizer(prompts).to(device),
+                             self.tokenizer_2(prompts).to(device))
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Prompts -> {encoder_hidden_states (B, 77, 2048), text_embeds (B, 1280), time_ids (B, 6)} (SDXL widths)."""
+        hidden, pooled = self._text(prompts)
+        ids = time_ids(self.image_size, (0, 0), self.image_size, len(prompts)).to(hidden.device)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": ids}
+
+    def null_cond(self, n):
+        """Zeros for the text states and the pooled vector (force_zeros_for_empty_prompt); time ids shared with c."""
+        p = next(self.text_encoder.parameters())
+        width = self.text_encoder.cfg.width + self.text_encoder_2.cfg.width
+        return {"encoder_hidden_states": torch.zeros(n, self.tokenizer.max_length, width, device=p.device, dtype=p.dtype),
+                "text_embeds": torch.zeros(n, self.text_encoder_2.cfg.projection_dim, device=p.device, dtype=p.dtype)}
+
+    @torch.no_grad()
+    def decode(self, x0):
+        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float().clamp(-1, 1)
+
+    def to(self, device, dtype=None):
+        """As Pipeline.to, except that float16 leaves the VAE in float32: the stock SDXL VAE overflows in float16
+        (diffusers' `force_upcast`); bfloat16 keeps float32's range and is used as is."""
+        super().to(device, dtype)
+        if dtype == torch.float16:
+            self.vae.to(torch.float32)
+        return self
+
+    def load_pixels(self, path, resolution=1024):
+        if resolution % self.vae.downscale:
+            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
+        return load_image(path, resolution)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels):
+        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
+        vae, sf = self.vae, self.vae.cfg.scaling_factor
+        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
+        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
+
+    def decode_with_grad(self, x0):
+        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
+
+    def read_weights(self, path):
+        if checkpoint_family(path) == "sd15":
+            raise CheckpointError(f"{path} is an SD1.5 checkpoint, not an SDXL one: use it with --model sd15.")
+        return read_unet_weights(path, self.config.unet)
+
+    def self_npo_batches(self, data, batch_size, generator, resolution=1024):
+        """Every image of `data` encoded once with the frozen VAE (float32), its caption once with both text
+        encoders; each batch draws fresh latents `scaling_factor * (mean + std * eps)` from the stored
+        posterior. Time ids (the authors' train_xl.py): original = target = (resolution, resolution), crop =
+        where load_image's centre crop cut the resized image. Batches `(latents (B, 4, R/8, R/8), cond)` come
+        forever, reshuffled every epoch with `generator`, on the denoiser's device.
+
+        Raises: FileNotFoundError / ValueError for a bad folder (npo_min.data), ValueError for a batch larger
+        than the data or a resolution that is not a multiple of 8.
+        """
+        if data is None:
+            raise ValueError("--model sdxl needs --data DIR: a folder of images with same-name .txt captions.")
+        pairs = image_caption_pairs(data)
+        if batch_size > len(pairs):
+            raise ValueError(f"--batch-size {batch_size} exceeds the {len(pairs)} images in {data}.")
+        vae, sf = self.vae, self.vae.cfg.scaling_factor
+        if resolution % vae.downscale:
+            raise ValueError(f"--resolution must be a multiple of {vae.downscale}; got {resolution}.")
+        device = next(vae.parameters()).device
+        means, stds, conds = [], [], []
+        with torch.no_grad():
+            for i in range(0, len(pairs), 8):
+                chunk = pairs[i : i + 8]
+                mean, logvar = vae.encode(torch.stack([load_image(p, resolution) for p, _ in chunk]).to(device))
+                means.append((sf * mean).cpu())
+                stds.append((sf * torch.exp(0.5 * logvar)).cpu())
+                hidden, pooled = self._text([caption for _, caption in chunk])
+                crops = [centre_crop_box(Image.open(p).size, resolution)[:2][::-1] for p, _ in chunk]  # (left, top) -> (top, left)
+                ids = torch.cat([time_ids((resolution, resolution), c, (resolution, resolution)) for c in crops])
+                conds.append({"encoder_hidden_states": hidden.cpu(), "text_embeds": pooled.cpu(), "time_ids": ids})
+        mean, std = torch.cat(means), torch.cat(stds)
+        cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        print(f"encoded {len(pairs)} images at {resolution} px -> latents {tuple(mean.shape[1:])}")
+        return _latent_batches(mean, std, cond, batch_size, generator, next(self.denoiser.parameters()).device)
+
+
+def _latent_batches(mean, std, cond, batch_size, generator, device):
+    # a module-level function, so the batches hold the encoded tensors but not the pipeline (VAE, CLIP);
+    # MappedBatches: the data order can be saved and resumed (train.py --resume)
+    def batch(idx):
+        eps = torch.randn(mean[idx].shape, generator=generator)
+        return (mean[idx] + std[idx] * eps).to(device), {k: v[idx].to(device) for k, v in cond.items()}
+    return MappedBatches(shuffled_batches(len(mean), batch_size, generator), batch)
+
+
+def _tokenizers(tok_dir: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """tokenizer/ + tokenizer_2/ of a folder, or one vocabulary folder for both (the second padded with "!",
+    as SDXL's tokenizer_2). Raises FileNotFoundError: no vocab.json + merges.txt found."""
+    first, second = tok_dir / "tokenizer", tok_dir / "tokenizer_2"
+    if (first / "vocab.json").is_file():
+        return load_tokenizer(first), (load_tokenizer(second) if (second / "vocab.json").is_file() else load_tokenizer(first, pad_token="!"))
+    if (tok_dir / "vocab.json").is_file():
+        return load_tokenizer(tok_dir), load_tokenizer(tok_dir, pad_token="!")
+    raise FileNotFoundError(
+        f"no CLIP tokenizer at {tok_dir} (vocab.json + merges.txt, or tokenizer/ and tokenizer_2/ folders). A single-file "
+        "checkpoint holds no vocabulary: pass --tokenizer DIR (e.g. the stable-diffusion-xl-base-1.0 folder) or put "
+        "tokenizer/ and tokenizer_2/ folders next to it.")
+
+
+def load(weights: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
+         config: str | SDXLConfig | None = None, tokenizer: str | os.PathLike | None = None) -> SDXLPipeline:
+    """Load UNet, VAE, both text encoders and tokenizers from `sd_xl_base_1.0.safetensors` or a diffusers folder.
+
+    Args:
+        weights: the single file (or `.ckpt`, read with torch.load(weights_only=True)) or a diffusers folder with
+            unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/.
+        device, dtype: where every module goes and its parameter dtype (float16 keeps the VAE in float32).
+        config: a PRESETS name of npo_min.sdxl or an SDXLConfig. None: "sdxl" for a single file; for a folder,
+            what its config.json files describe.
+        tokenizer: a folder with tokenizer/ + tokenizer_2/ or one vocab.json + merges.txt (default: the
+            folder itself, or the single file's folder).
+    Raises:
+        CheckpointError: missing path; an SD1.5 / SD2 checkpoint (named, with the --model to use); a missing
+            part (e.g. text_encoder_2/); missing / unexpected / misshapen weights; config mismatch.
+        FileNotFoundError: no tokenizer found.
+    """
+    if weights is None:
+        raise CheckpointError("--model sdxl needs --weights: sd_xl_base_1.0.safetensors or the diffusers folder (see weights/README.md).")
+    path = Path(weights)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}. Pass an SDXL single file or diffusers folder (big files go under weights/).")
+    family = checkpoint_family(path)
+    if family in ("sd15", "sd2"):
+        what = "SD1.5 (CLIP-L only, no text_encoder_2)" if family == "sd15" else "SD2 (OpenCLIP-H only)"
+        raise CheckpointError(f"{path} is an {what} checkpoint, not SDXL: use --model sd15 for SD1.5, or pass an SDXL checkpoint.")
+    if path.is_dir():
+        cfg = config_from_folder(path) if config is None else get_config(config)
+    else:
+        cfg = get_config(config or "sdxl")
+    unet, vae, text, text_2 = load_parts(path, cfg, dtype)
+    tok_1, tok_2 = _tokenizers(Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent))
+    pipe = SDXLPipeline(unet, vae.requires_grad_(False), text, text_2, tok_1, tok_2, cfg, f"sdxl:{weights}")
+    return pipe.to(device)
