@@ -343,8 +343,9 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
         if save is None or not resume_file.is_file():  # (ranks > 0: rank 0 says how to resume)
             raise
         step = cli.load_resume(resume_file)["step"]
+        launcher = f"torchrun --nproc_per_node {dist.world}" if dist else "python"
         raise cli.Interrupted(f"saved step {step} of {args.steps} to {resume_file}; continue with: "
-                              f"python train.py {' '.join(argv_of(args))} --resume") from None
+                              f"{launcher} train.py {' '.join(argv_of(args))} --resume") from None
     seconds = time.time() - start
     if not main_rank:
         return

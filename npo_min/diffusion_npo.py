@@ -33,6 +33,7 @@ from .guidance import Cond, guided_denoiser
 from .lora import lora_disabled, lora_layers
 from .schedule import NoiseSchedule
 from .solvers import make_timesteps
+from .training import NonFiniteError
 
 
 def frozen_reference(model: torch.nn.Module) -> Callable:
@@ -57,7 +58,8 @@ def optimize(model: torch.nn.Module, micro_step: Callable[[], tuple[torch.Tensor
     """AdamW on the model's trainable parameters, `grad_accum` micro-steps per step (loss / grad_accum each),
     gradient-norm clipping; returns [{step, loss, grad_norm, seconds, **stats of the last micro-step}].
 
-    Raises ValueError: steps or grad_accum < 1, no trainable parameter, or a non-finite loss (lower --lr).
+    Raises ValueError: steps or grad_accum < 1, no trainable parameter; NonFiniteError (a ValueError): a
+        non-finite loss or gradient norm, at its step (lower --lr).
     """
     if steps < 1 or grad_accum < 1:
         raise ValueError(f"steps and grad_accum must be >= 1; got {steps}, {grad_accum}.")
@@ -76,8 +78,11 @@ def optimize(model: torch.nn.Module, micro_step: Callable[[], tuple[torch.Tensor
             (loss / grad_accum).backward()
             total += loss.item() / grad_accum
         if not torch.isfinite(torch.tensor(total)):
-            raise ValueError(f"{desc}: the loss became {total} at step {step}: lower --lr (nothing was written).")
+            raise NonFiniteError(step, f"{desc}: the loss became {total} at step {step}: lower --lr (nothing was written).")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+        if not torch.isfinite(torch.tensor(grad_norm)):  # before the optimizer applies it
+            raise NonFiniteError(step, f"{desc}: the gradient norm became {grad_norm} at step {step}: lower --lr "
+                                       "(nothing was written).")
         opt.step()
         opt.zero_grad(set_to_none=True)
         entry = {"step": step, "loss": total, "grad_norm": grad_norm, **stats, "seconds": time.time() - start}

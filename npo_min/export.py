@@ -15,7 +15,8 @@ tensor of the offset, the dropped ones included).
 Names: "peft" = diffusers / PEFT (`unet.<layer>.lora_A.weight`, `.lora_B.weight`, with the
 `lora_adapter_metadata` header diffusers' `load_lora_weights` reads); "kohya" = kohya-ss
 (`lora_unet_<layer with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`), what ComfyUI and A1111 load.
-Layer names are the denoiser's diffusers module names (the project's own).
+Layer names are the denoiser's diffusers module names (the project's own), except kohya SDXL: the LDM
+(original) module paths kohya-ss uses for SDXL (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def low_rank(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, fl
     return up.float(), down.float(), err
 
 
-def to_lora(offset: Offset, rank: int, fmt: str = "peft") -> tuple[dict[str, torch.Tensor], dict]:
+def to_lora(offset: Offset, rank: int, fmt: str = "peft", names: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """An offset over a denoiser's state-dict keys -> (LoRA tensors in `fmt` names, report).
+
+    names: for "kohya", the module path written for a layer (default: the layer's own, diffusers, name);
+    kohya_names gives the LDM paths kohya-ss uses for SDXL.
 
     report: {"layers": {layer: relative error}, "dropped": [keys without a LoRA form], "overall": relative
     error over the whole offset, "rank": rank}. Zero tensors are skipped (a LoRA-shaped offset touches few
@@ -81,13 +85,24 @@ def to_lora(offset: Offset, rank: int, fmt: str = "peft") -> tuple[dict[str, tor
         if fmt == "peft":
             tensors[f"unet.{layer}.lora_A.weight"], tensors[f"unet.{layer}.lora_B.weight"] = down, up
         else:
-            name = "lora_unet_" + layer.replace(".", "_")
+            name = "lora_unet_" + (names or {}).get(layer, layer).replace(".", "_")
             tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
             tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     if not layers:
         raise ValueError("the offset has no matrix-shaped (Linear / conv) weight offsets to export as a LoRA.")
     overall = (residual / total) ** 0.5 if total > 0 else 0.0
     return tensors, {"layers": layers, "dropped": dropped, "overall": overall, "rank": rank}
+
+
+def kohya_names(base: Offset) -> dict[str, str] | None:
+    """The module paths kohya-ss names a LoRA of this denoiser by: SDXL's UNet (it has the `text_time` added
+    embedding) in the LDM layout, as kohya's sd-scripts, ComfyUI and A1111 write and read SDXL LoRAs
+    (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`); None for the rest, whose kohya LoRAs use the
+    diffusers paths (SD1.5's `down_blocks.0.attentions.0...`)."""
+    if "add_embedding.linear_1.weight" not in base:
+        return None
+    from .unet import ldm_layer_names
+    return ldm_layer_names(base)
 
 
 def lora_header(layers: list[str], rank: int) -> dict[str, str]:
@@ -101,7 +116,7 @@ def export(offset: Offset, base: Offset, path: str | os.PathLike, rank: int, fmt
            overwrite: bool = False) -> dict:
     """Write `offset` as a rank-`rank` LoRA to `path` (atomically, refusing to overwrite); returns the report.
     The header carries the base's fingerprint (checked by npo_min.offsets.load_offset)."""
-    tensors, report = to_lora(offset, rank, fmt)
+    tensors, report = to_lora(offset, rank, fmt, kohya_names(base) if fmt == "kohya" else None)
     meta = {"format": LORA_FORMAT, "base_fingerprint": fingerprint(base), "export_rank": rank,
             "export_overall_relative_error": f"{report['overall']:.6g}", **(metadata or {})}
     if fmt == "peft":

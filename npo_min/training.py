@@ -128,9 +128,10 @@ def self_npo(
             bar.set_postfix(loss=f"{total:.4g}")
             if on_step:
                 on_step(step, entry)
-            if save is not None and ((save_every and step % save_every == 0 and step < steps) or interrupted()):
+            stop = interrupted() if dist is None else distributed.mean(float(interrupted()), x0.device) > 0  # all ranks stop together
+            if save is not None and ((save_every and step % save_every == 0 and step < steps) or stop):
                 save(state(step))
-            if interrupted():
+            if stop:
                 raise KeyboardInterrupt(f"step {step}")
     student.eval()
     return log

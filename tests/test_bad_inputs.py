@@ -68,6 +68,8 @@ def files(tmp_path_factory):
     (d / "data").mkdir()
     (d / "data" / "a.png").write_bytes(b"")  # no caption
     (d / "prompts.txt").write_text("3\n7\n")
+    (d / "clips").mkdir()
+    (d / "clips" / "a.mp4").write_bytes(b"\x00" * 16)  # a video container: no decoder here
     (d / "cat.txt").write_text("a cat\n")
     return f
 
@@ -141,6 +143,20 @@ CASES = [
      "--num-per-class does not apply"),
     ("sample sd15 without --weights", "sample", "--model sd15 --neg-ckpt x --out {dir}/s", 2, "--model sd15 needs --weights"),
     ("sample into shipped weights", "sample", S.replace("{dir}/s", str(ROOT / "weights" / "digits")), 2, "shipped weights/"),
+    # cogvideox (video): frames, sizes, clips, weights folder
+    ("cogvideox frames not 4k+1", "train", "--model cogvideox --weights {dir} --out {dir}/c --num-frames 10", 2, "is not 4k + 1"),
+    ("sample cogvideox frames not 4k+1", "sample", "--model cogvideox --weights {dir} --neg-ckpt x --out {dir}/c --num-frames 12", 2,
+     "is not 4k + 1"),
+    ("cogvideox bad resolution", "train", "--model cogvideox --weights {dir} --out {dir}/c --resolution 480by720", 2,
+     "--resolution must be N or HxW"),
+    ("cogvideox without --weights", "train", "--model cogvideox --out {dir}/c", 2, "--model cogvideox needs --weights"),
+    ("cogvideox mp4 clips", "train", "--model cogvideox --weights {dir} --data {dir}/clips --out {dir}/c", 2, "no video decoder"),
+    ("cogvideox weights a file", "sample", "--model cogvideox --weights {base}/model.safetensors --neg-ckpt x "
+     "--prompts {dir}/cat.txt --out {dir}/c", 2, "is not a folder"),
+    ("cogvideox folder without parts", "sample", "--model cogvideox --weights {base} --neg-ckpt x --prompts {dir}/cat.txt --out {dir}/c",
+     2, "lacks transformer/"),
+    ("digits --num-frames", "train", T + " --num-frames 9", 2, "for video models"),
+    ("sample digits --num-frames", "sample", S + " --num-frames 9", 2, "--num-frames is for video models"),
     # eval.benchmark.evaluate
     ("eval scales not numbers", "evaluate", E + " --guidance-scales 1,x", 2, "comma-separated numbers"),
     ("eval scales nan", "evaluate", E + " --guidance-scales 2,nan", 2, "--guidance-scales must be finite"),
@@ -175,10 +191,17 @@ def test_divergence_stops_at_its_step(files, tmp_path, capsys):
     """--lr 1e10 diverges: the run stops at the first non-finite loss / gradient, naming the step; nothing is written."""
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as e:
-        cli.run(train.main, arg(T, files).replace(f"{files['dir']}/o", str(out)).split() + ["--lr", "1e10", "--steps", "20"])
+        cli.run(train.main, arg(T, files).replace(f"{files['dir']}/o", str(out)).split()
+                + ["--lr", "1e10", "--steps", "20", "--save-every", "1"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "training diverged at step" in err and "Nothing was written" in err
     assert not (out / "delta.safetensors").exists() and not (out / "loss.csv").exists()
+    # the last good checkpoint is kept: the step before the divergence, every tensor finite
+    step = int(err.split("training diverged at step ")[1].split(":")[0])
+    assert f"last good state is in {out / 'resume.pt'}" in err
+    state = cli.load_resume(out / "resume.pt")
+    assert state["step"] == step - 1
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
 
 
 def test_nan_is_never_saved(tmp_path):

@@ -156,3 +156,6 @@ def test_results_smoke(tmp_path, monkeypatch):
     for r in rows:
         assert r["n"] == 10 and np.isfinite(r["fd"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
     assert (out / "curves.png").exists() and (out / "curves_accuracy.png").exists()
+    shift = {(r["method"], r["t"]): r["shift"] for r in json.loads((out / "results.json").read_text())["shift"]}
+    assert len(shift) == 4 * 5 and all(shift["cfg", t] == 0 for t in (100, 300, 500, 700, 900))
+    assert all(shift[m, t] > 0 for m in ("self-npo-k5", "random-norm", "autoguide-weak") for t in (100, 900))

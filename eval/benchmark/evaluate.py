@@ -91,6 +91,44 @@ def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, 
                   "steps": steps, "solver": solver, "spacing": spacing, "seed": seed}
 
 
+@torch.no_grad()
+def prediction_shift(unet, embed, negatives: dict, images: torch.Tensor, labels: torch.Tensor,
+                     timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> list[dict]:
+    """How far each method's negative branch moves from plain CFG's, per timestep (the map's evidence).
+
+    images `(N, 1, S, S)` in [-1, 1] (train split) with labels `(N,)`, noised to x_t at each t with seeded noise.
+    Rows {method, t, shift, guide}: shift = RMS(eps_neg - eps_base(x_t, c')) / RMS(eps_base(x_t, c')), the
+    relative move of the negative prediction away from the base's unconditional one (0 for plain CFG);
+    guide = RMS(eps_pos - eps_neg), the size of the guidance direction that the scale multiplies.
+    """
+    from npo_min.digits import NULL_CLASS
+    from npo_min.schedule import NoiseSchedule, add_noise
+
+    schedule, g = NoiseSchedule.sd(), torch.Generator().manual_seed(seed)
+    cond, null = embed(labels), embed(torch.full_like(labels, NULL_CLASS))
+    rms = lambda v: v.pow(2).mean().sqrt().item()
+    rows = []
+    for t in timesteps:
+        tt = torch.full((len(images),), t)
+        alpha, sigma = schedule.coefs(tt, images)
+        x_t = add_noise(images, torch.randn(images.shape, generator=g), alpha, sigma)
+        pos, base_null = unet(x_t, tt, cond), unet(x_t, tt, null)
+        for name, neg in {"cfg": unet, **negatives}.items():
+            eps_neg = neg.unet(x_t, tt, neg.class_embedding(labels)) if isinstance(neg, Autoguide) else neg(x_t, tt, null)
+            rows.append({"method": name, "t": t, "shift": rms(eps_neg - base_null) / rms(base_null), "guide": rms(pos - eps_neg)})
+    return rows
+
+
+def format_shift(rows: list[dict]) -> str:
+    """A markdown table: one row per method, shift (guide) per timestep."""
+    ts = list(dict.fromkeys(r["t"] for r in rows))
+    lines = ["| negative branch | " + " | ".join(f"t={t}" for t in ts) + " |", "|---" * (len(ts) + 1) + "|"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = {r["t"]: f"{r['shift']:.3f} ({r['guide']:.3f})" for r in rows if r["method"] == m}
+        lines.append(f"| {m} | " + " | ".join(cells[t] for t in ts) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], info: dict) -> str:
     n = max([14] + [len(r["method"]) + 1 for r in rows])  # method column: names are never cut
     lines = [f"{'method':<{n}}{'scale':>6}{'log p':>11}{'margin':>9}{'acc':>7}{'FD':>8}{'prec':>7}{'rec':>7}{'win vs CFG':>12}",

@@ -52,9 +52,14 @@ PRESETS = {
     "cogvideox-5b": CogVideoXFamilyConfig(TR_PRESETS["cogvideox-5b"], VAE_PRESETS["cogvideox-5b"], T5_PRESETS["t5-v1_1-xxl"], 1.0),
 }
 
-# scheduler_config.json values this implementation reproduces (CogVideoXDDIMScheduler as released).
+# scheduler_config.json values this implementation reproduces (CogVideoXDDIMScheduler as released), and the
+# defaults diffusers' CogVideoXDDIMScheduler fills in for absent keys (a missing prediction_type means epsilon).
 SCHEDULER_FIXED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                       prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, clip_sample=False)
+                       prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, trained_betas=None,
+                       clip_sample=False)
+SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type="epsilon", rescale_betas_zero_snr=False, set_alpha_to_one=True, trained_betas=None,
+                          clip_sample=True, snr_shift_scale=3.0)
 
 
 def get_config(config: str | CogVideoXFamilyConfig) -> CogVideoXFamilyConfig:
@@ -69,18 +74,21 @@ def get_config(config: str | CogVideoXFamilyConfig) -> CogVideoXFamilyConfig:
 def read_scheduler_config(folder: Path) -> float | None:
     """`snr_shift_scale` of `folder/scheduler/scheduler_config.json` (None if the file is absent).
 
+    Absent keys take diffusers' CogVideoXDDIMScheduler defaults. The timestep spacing is not read from it:
+    it is sample.py's --spacing ("trailing" by default, the released value).
+
     Raises:
         CheckpointError: a field this implementation does not reproduce (named, with the supported value).
     """
     file = folder / "scheduler" / "scheduler_config.json"
     if not file.is_file():
         return None
-    cfg = json.loads(file.read_text())
+    cfg = {**SCHEDULER_DEFAULTS, **json.loads(file.read_text())}
     for key, value in SCHEDULER_FIXED.items():
-        if key in cfg and cfg[key] != value:
+        if cfg[key] != value:
             raise CheckpointError(f"{file}: {key}={cfg[key]!r} is not supported (only {value!r}, the released CogVideoX "
                                   "scheduler).")
-    return float(cfg.get("snr_shift_scale", 1.0))  # diffusers' default when the key is absent
+    return float(cfg["snr_shift_scale"])
 
 
 class CogVideoXPipe(Pipeline):
