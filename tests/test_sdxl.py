@@ -237,6 +237,24 @@ def test_random_crop_offsets_are_the_crop_the_vae_encodes(ckpt, bundle, tmp_path
     assert all(torch.equal(a, b) for a, b in zip(ids, ids_again))  # the same seed: the same crops
 
 
+def test_random_crop_batches_resume_exactly(ckpt, bundle, tmp_path):
+    """What train.py --resume restores (the generator's state and the batches' order state) gives the same
+    next batch: crops, latents and time ids."""
+    data = make_data(tmp_path / "data", n=4)
+    gen = torch.Generator().manual_seed(7)
+    batches = bundle.self_npo_batches(str(data), 3, gen, resolution=64)
+    for _ in range(2):  # into the second epoch (4 images, batches of 3)
+        next(batches)
+    state = (gen.get_state(), copy.deepcopy(batches.state_dict()))
+    latents, cond = next(batches)
+    gen_2 = torch.Generator().manual_seed(123)
+    resumed = bundle.self_npo_batches(str(data), 3, gen_2, resolution=64)
+    resumed.load_state_dict(state[1])
+    gen_2.set_state(state[0])
+    latents_2, cond_2 = next(resumed)
+    assert torch.equal(latents, latents_2) and all(torch.equal(cond[k], cond_2[k]) for k in cond)
+
+
 # ----------------------------------------------------------------------------- sample.py and train.py
 
 
