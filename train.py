@@ -405,7 +405,8 @@ def run_diffusion_npo(args, out: Path) -> None:
     meta |= {"train_seconds": f"{seconds:.1f}", "command": " ".join(sys.argv)}
     path = save_offset(pipe.denoiser, base, args, out, meta)
     write_log(log, out / "loss.csv")
-    print(f"wrote {path}: {args.method}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "
+    name = "dpo (--no-reverse)" if args.method == "dpo-npo" and args.no_reverse else args.method
+    print(f"wrote {path}: {name}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "
           f"loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}")
 
 

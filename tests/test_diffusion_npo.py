@@ -170,14 +170,8 @@ def test_t2i_reward_tensor_path_matches_scorer(aesthetic_weights):
     assert images.grad.abs().sum() > 0
 
 
-def test_sd15_dpo_npo_end_to_end_and_loss_decreases(ckpt, tmp_path):  # noqa: F811
-    """Tiny SD1.5 checkpoint, 64 px pairs: 2 CLI steps -> a LoRA that loads back. Then 20 steps of the trainer on 4
-    fixed pairs: the DPO loss on a fixed set of (t, eps) draws, log 2 before training (model = reference), falls."""
-    from npo_min.diffusion_npo import dpo_npo, frozen_reference
-    from npo_min.dpo import dpo_step_loss
-    from npo_min.lora import add_lora
-    from npo_min.pairs import preference_batches
-
+def test_sd15_dpo_npo_end_to_end(ckpt, tmp_path):  # noqa: F811
+    """Tiny SD1.5 checkpoint, 64 px pairs: 2 CLI steps -> a LoRA on the attention projections that loads back."""
     pairs = write_pairs(tmp_path / "p", n=5, size=(64, 64), mode="RGB", prompts=["a cat", "a red car"])
     train.main(["--model", "sd15", "--weights", str(ckpt["folder"]), "--pairs", str(pairs), "--resolution", "64",
                 "--method", "dpo-npo", "--no-progress", "--grad-accum", "1", "--out", str(tmp_path / "two"), "--steps", "2",
@@ -186,6 +180,18 @@ def test_sd15_dpo_npo_end_to_end_and_loss_decreases(ckpt, tmp_path):  # noqa: F8
     delta = load_offset(tmp_path / "two", pipe.denoiser.state_dict(), pipe.read_weights)
     assert delta and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for k in delta)
 
+
+@pytest.mark.slow
+def test_sd15_dpo_npo_loss_decreases_on_a_fixed_set(ckpt, tmp_path):  # noqa: F811
+    """20 steps of the trainer on 4 fixed 64 px pairs: the DPO-NPO loss on a fixed set of (t, eps) draws, log 2
+    before training (model = reference), falls (measured 0.693 -> 0.600; ~30 s on 2 busy CPU cores)."""
+    from npo_min.diffusion_npo import dpo_npo, frozen_reference
+    from npo_min.dpo import dpo_step_loss
+    from npo_min.lora import add_lora
+    from npo_min.pairs import preference_batches
+
+    pairs = write_pairs(tmp_path / "p", n=5, size=(64, 64), mode="RGB", prompts=["a cat", "a red car"])
+    pipe = load_pipeline("sd15", str(ckpt["folder"]))
     batches = preference_batches(pipe, pairs, 4, torch.Generator().manual_seed(0), resolution=64, log=lambda _: None)
     fixed = next(batches)
     unet = pipe.denoiser
