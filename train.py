@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from einops import rearrange
 
 from npo_min import cli, diffusion_npo, distributed, training
 from npo_min.checkpoint import atomic_write, fingerprint, save_safetensors
@@ -366,16 +367,20 @@ def run_diffusion_npo(args, out: Path) -> None:
     (pairs, images, reward) before training starts; the delta or LoRA is written only at the end."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer)
-    if hasattr(pipe, "set_image_size") and pipe.latent_scale > 1:  # SDXL: the time ids name the training size
+    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer,
+                         text_dtype=DTYPES.get(args.text_dtype))
+    if hasattr(pipe, "set_image_size") and pipe.latent_scale > 1 and not pipe.video:  # SDXL: the time ids name the training size
         pipe.set_image_size(args.resolution, args.resolution)
+    video = {"num_frames": args.num_frames} if pipe.video else {}
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
     common = dict(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                  grad_accum=args.grad_accum, autocast_dtype=autocast, generator=gen, progress=not args.no_progress)
+                  grad_accum=args.grad_accum, autocast_dtype=autocast, generator=gen, progress=not args.no_progress,
+                  prediction_type=pipe.prediction_type)
     meta = {"base": pipe.name, "model": args.model, "method": args.method, "steps": args.steps, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed}
     if args.method == "dpo-npo":
-        batches = preference_batches(pipe, args.pairs, args.batch_size, gen, resolution=args.resolution)
+        batches = preference_batches(pipe, args.pairs, args.batch_size, gen, resolution=args.resolution, **video)
+        pipe.release_text_encoder()  # every prompt is encoded (CogVideoX: frees T5)
         base = trainable(pipe.denoiser, args)
         meta |= {"dpo_beta": args.dpo_beta, "reverse": not args.no_reverse, "pairs": args.pairs}
         start = time.time()
@@ -391,16 +396,19 @@ def run_diffusion_npo(args, out: Path) -> None:
         else:
             raise ValueError(f"--method {args.method} --model {args.model} needs --prompts FILE (the prompts to sample).")
         size = MODELS[args.model].sample
-        height = width = args.resolution if pipe.latent_scale > 1 else size["height"]
+        if pipe.video:  # clips: the reward is the mean over the decoded frames
+            (height, width), reward = args.resolution, frame_mean_reward(reward)
+        else:
+            height = width = args.resolution if pipe.latent_scale > 1 else size["height"]
         base = trainable(pipe.denoiser, args)
         meta |= {"reward": args.reward, "reward_k": args.reward_k, "sample_steps": args.sample_steps,
                  "guidance_scale": args.guidance_scale, "guided": args.method == "guided-reward-npo"}
         start = time.time()
         log = diffusion_npo.reward_npo(
             pipe.denoiser, pipe.decode_with_grad, reward, prompts, pipe.encode, pipe.null_cond(1),
-            pipe.noise_shape(height, width), pipe.schedule, guided=args.method == "guided-reward-npo",
+            pipe.noise_shape(height, width, **video), pipe.schedule, guided=args.method == "guided-reward-npo",
             guidance_scale=args.guidance_scale, sample_steps=args.sample_steps, k=args.reward_k,
-            batch_size=args.batch_size, **common)
+            batch_size=args.batch_size, set_alpha_to_one=pipe.set_alpha_to_one, **common)
     seconds = time.time() - start
     meta |= {"train_seconds": f"{seconds:.1f}", "command": " ".join(sys.argv)}
     path = save_offset(pipe.denoiser, base, args, out, meta)
@@ -408,6 +416,16 @@ def run_diffusion_npo(args, out: Path) -> None:
     name = "dpo (--no-reverse)" if args.method == "dpo-npo" and args.no_reverse else args.method
     print(f"wrote {path}: {name}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "
           f"loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}")
+
+
+def frame_mean_reward(reward):
+    """An image reward `(images (B, C, H, W), prompts) -> (B,)` as a clip reward: clips `(B, C, F, H, W)` ->
+    the mean over the F frames `(B,)`, each frame scored with its clip's prompt."""
+    def score(clips, prompts):
+        B, F = clips.shape[0], clips.shape[2]
+        frames = rearrange(clips, "b c f h w -> (b f) c h w")  # (B*F, C, H, W)
+        return reward(frames, [p for p in prompts for _ in range(F)]).reshape(B, F).mean(1)  # (B*F,) -> (B, F) -> (B,)
+    return score
 
 
 def output_files(args) -> list[Path]:

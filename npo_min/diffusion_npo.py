@@ -95,15 +95,16 @@ def optimize(model: torch.nn.Module, micro_step: Callable[[], tuple[torch.Tensor
 def dpo_npo(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor, Cond]], schedule: NoiseSchedule,
             beta: float, reverse: bool = True, *, steps: int, lr: float, weight_decay: float = 1e-2,
             grad_clip: float = 1.0, grad_accum: int = 1, autocast_dtype: torch.dtype | None = None,
-            generator: torch.Generator | None = None, progress: bool = True) -> list[dict]:
+            generator: torch.Generator | None = None, progress: bool = True, prediction_type: str = "epsilon") -> list[dict]:
     """Diffusion-DPO (reverse=False) or DPO-NPO (reverse=True, Eq. 8) on `(x_w, x_l, cond)` batches
-    (npo_min/pairs.py). Loss and per-pair shared noise / timestep: npo_min/dpo.py."""
+    (npo_min/pairs.py). Loss and per-pair shared noise / timestep: npo_min/dpo.py (prediction_type: the
+    model's output, "epsilon" or "v_prediction"; the errors are on that target)."""
     reference = frozen_reference(model)
     device = next(model.parameters()).device
 
     def micro_step():
         x_w, x_l, cond = next(batches)
-        return dpo_step_loss(model, reference, x_w, x_l, cond, schedule, beta, reverse, generator)
+        return dpo_step_loss(model, reference, x_w, x_l, cond, schedule, beta, reverse, generator, prediction_type)
 
     return optimize(model, micro_step, steps, lr, weight_decay, grad_clip, grad_accum, autocast_dtype, device.type,
                     progress, "dpo-npo" if reverse else "dpo")
@@ -123,20 +124,28 @@ def last_k_with_grad(denoise: Callable, num_steps: int, k: int) -> Callable:
 
 
 def ddim_with_grad(denoise: Callable, noise: torch.Tensor, num_steps: int, k: int, schedule: NoiseSchedule,
-                   spacing: str = "trailing") -> torch.Tensor:
+                   spacing: str = "trailing", prediction_type: str = "epsilon", set_alpha_to_one: bool = False) -> torch.Tensor:
     """Deterministic DDIM (the update of npo_min.solvers.ddim, same timesteps) from x_T = noise `(B, ...)` to x0,
-    differentiable through the last K steps only (DRaFT-K); the earlier steps run without gradients."""
+    differentiable through the last K steps only (DRaFT-K); the earlier steps run without gradients.
+    prediction_type "v_prediction": the denoiser outputs v; x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v
+    (finite at zero terminal SNR, CogVideoX). set_alpha_to_one: the last step's alpha past t = 0 is 1 (CogVideoX),
+    else alphas_cumprod[0] (SD), as npo_min.solvers.ddim."""
     ac, T = schedule.alphas_cumprod, schedule.num_train_timesteps
     ts = make_timesteps(num_steps, spacing, T, solver="ddim")
     denoise = last_k_with_grad(denoise, num_steps, k)
     x = noise
     for i, t in enumerate(ts):
         t_prev = t - T // len(ts)
-        a_t, a_prev = ac[t].item(), (ac[t_prev] if t_prev >= 0 else ac[0]).item()
+        a_t = ac[t].item()
+        a_prev = ac[t_prev].item() if t_prev >= 0 else 1.0 if set_alpha_to_one else ac[0].item()
         if i == num_steps - k:
             x = x.detach()  # the graph starts here
-        eps = denoise(x, torch.full((x.shape[0],), t, device=x.device))
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5  # Tweedie
+        pred = denoise(x, torch.full((x.shape[0],), t, device=x.device))
+        if prediction_type == "v_prediction":
+            x0, eps = a_t ** 0.5 * x - (1 - a_t) ** 0.5 * pred, (1 - a_t) ** 0.5 * x + a_t ** 0.5 * pred
+        else:
+            eps = pred
+            x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5  # Tweedie
         x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
     return x
 
@@ -146,14 +155,15 @@ def reward_npo(model: torch.nn.Module, decode: Callable, reward: Callable, promp
                guidance_scale: float, sample_steps: int, k: int = 1, spacing: str = "trailing", steps: int, lr: float,
                batch_size: int, weight_decay: float = 1e-2, grad_clip: float = 1.0, grad_accum: int = 1,
                autocast_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, prediction_type: str = "epsilon", set_alpha_to_one: bool = False) -> list[dict]:
     """reward-NPO (guided=False, Eq. 7) or the DR-Video-NPO variant (guided=True); see the module docstring.
 
     decode: x0 `(B, ...)` -> images, differentiable (Pipeline.decode_with_grad); reward: (images, prompts) ->
     `(B,)` in [0, 1], differentiable (eval/rewards.py); prompts: drawn with replacement, batch_size per
     micro-step; encode: prompts -> c; null: c' (batch 1); noise_shape: one x_T `(C, h, w)`. Each micro-step
     samples `sample_steps` DDIM steps from fresh noise with CFG at guidance_scale, gradients through the last
-    K. Logged: reward (mean R of the sampled batch).
+    K. Logged: reward (mean R of the sampled batch). prediction_type / set_alpha_to_one: the model's (Pipeline
+    attributes; CogVideoX: "v_prediction", True).
 
     Raises ValueError: K outside 1..sample_steps (and as `optimize`).
     """
@@ -174,7 +184,7 @@ def reward_npo(model: torch.nn.Module, decode: Callable, reward: Callable, promp
             denoise = guided_denoiser(base, model, cond, null, guidance_scale)
         else:  # Eq. 7: the trained model's own guided samples
             denoise = guided_denoiser(model, model, cond, null, guidance_scale)
-        x0 = ddim_with_grad(denoise, x_T, sample_steps, k, schedule, spacing)
+        x0 = ddim_with_grad(denoise, x_T, sample_steps, k, schedule, spacing, prediction_type, set_alpha_to_one)
         r = reward(decode(x0), chosen)  # (B,) in [0, 1]
         loss = (1.0 - r).mean() if guided else -(1.0 - r).mean()  # guided: raise R; Eq. 7: maximise R_npo = 1 - R
         return loss, {"reward": r.mean().item()}

@@ -169,6 +169,10 @@ def lora_factors(lora: Offset, base: Offset, alpha: float | None = None, alpha_p
     if text:
         raise CheckpointError(f"{len(text)} of {len(lora)} LoRA keys are for a text encoder (e.g. {text[0]}): text-encoder "
                               "LoRAs are not applied, only the denoiser's; save the UNet keys (lora_unet_* / unet.*) alone to use those.")
+    lycoris = [k for k in lora if re.search(r"\.(hada_|lokr_|lora_mid\.)", k)]
+    if lycoris:
+        raise CheckpointError(f"{lycoris[0]}: a LyCORIS adapter (LoHa / LoKr / LoCon with a Tucker mid), which is not a "
+                              "plain LoRA (up @ down): merge it into the model with its own tools and pass the full model.")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in lora.items():

@@ -237,3 +237,20 @@ def test_ddim_with_grad_matches_the_sampler():
     assert torch.allclose(got.detach(), want, atol=1e-5) and got.requires_grad
     got.sum().backward()
     assert w.grad is not None and w.grad.abs() > 0
+
+
+def test_ddim_with_grad_v_prediction_matches_the_sampler():
+    """v-prediction on CogVideoX's zero-terminal-SNR schedule (alpha_T = 0, final alpha 1): ddim_with_grad is
+    npo_min.solvers' DDIM with prediction_type v_prediction and set_alpha_to_one."""
+    from npo_min.diffusion_npo import ddim_with_grad
+    from npo_min.schedule import NoiseSchedule
+    from npo_min.solvers import sample
+
+    schedule, w = NoiseSchedule.cogvideox(3.0), torch.tensor(0.3, requires_grad=True)
+    noise = torch.randn(2, 3, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # (B, F, C, h, w)
+    denoise = lambda x, t: w * x + 0.01 * t.float().reshape(-1, 1, 1, 1, 1) / 1000  # (B,) -> (B, 1, 1, 1, 1)
+    want = sample(denoise, noise, 6, schedule, "ddim", "trailing", prediction_type="v_prediction", set_alpha_to_one=True)
+    got = ddim_with_grad(denoise, noise, 6, 1, schedule, prediction_type="v_prediction", set_alpha_to_one=True)
+    assert torch.isfinite(got).all() and torch.allclose(got.detach(), want, atol=1e-5), (got - want).abs().max()
+    eps_form = ddim_with_grad(denoise, noise, 6, 1, schedule, set_alpha_to_one=True)
+    assert not torch.isfinite(eps_form).all() or (eps_form - want).abs().max() > 1e-3  # the eps algebra is not v's

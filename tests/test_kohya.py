@@ -117,6 +117,9 @@ def test_text_encoder_lora_keys_are_refused_in_one_line():
     with pytest.raises(CheckpointError, match="2 of 4 LoRA keys are for a text encoder.*text-encoder LoRAs are not applied") as err:
         lora_to_delta(lora, base)
     assert "\n" not in str(err.value)
+    loha = {"lora_unet_conv_in.hada_w1_a": torch.zeros(1, 4), "lora_unet_conv_in.hada_w1_b": torch.zeros(4, 1)}
+    with pytest.raises(CheckpointError, match="LyCORIS adapter"):
+        lora_to_delta(loha, base)
 
 
 def test_export_kohya_writes_ldm_names_for_sdxl_that_diffusers_reads(tmp_path):
