@@ -226,11 +226,12 @@ def trainable(unet, args) -> dict:
     return base
 
 
-def save_offset(unet, base: dict, args, out: Path, meta: dict) -> Path:
-    """Write what was trained: the LoRA (with its rank / alpha / targets) or delta = trained - base."""
+def save_offset(unet, base: dict, args, out: Path, meta: dict, lora_prefix: str = "unet") -> Path:
+    """Write what was trained: the LoRA (with its rank / alpha / targets; PEFT names prefixed with the family's
+    `Pipeline.lora_prefix`) or delta = trained - base."""
     path = out / output_file(args)
     if args.lora_rank:
-        return save_lora(unet, base, path, meta, overwrite=args.overwrite)
+        return save_lora(unet, base, path, meta, overwrite=args.overwrite, prefix=lora_prefix)
     return save_delta(unet.state_dict(), base, path, meta, overwrite=args.overwrite)
 
 
@@ -323,7 +324,7 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
     if dist:  # every rank draws the global batch and keeps its rows
         batches = distributed.ShardedBatches(batches, dist.rank, dist.world)
     null, unet, schedule, base_name = pipe.null_cond(1), pipe.denoiser, pipe.schedule, pipe.name
-    prediction_type = pipe.prediction_type
+    prediction_type, lora_prefix = pipe.prediction_type, pipe.lora_prefix
     pipe.release_text_encoder()
     del pipe  # the frozen encoders / VAE are not needed any more: the batches hold what they encoded
     base = trainable(unet, args)
@@ -355,7 +356,7 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
             "cond_drop": cfg.cond_drop, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "train_seconds": f"{seconds:.1f}",
             "command": " ".join(sys.argv), **({"world_size": world} if dist else {})}
-    delta_file = save_offset(unet, base, args, out, meta)
+    delta_file = save_offset(unet, base, args, out, meta, lora_prefix)
     write_log(log, out / "loss.csv")
     resume_file.unlink(missing_ok=True)  # the run is complete: the delta is its result
     print(f"wrote {delta_file}: K={cfg.k}, {args.steps} steps in {seconds:.0f} s "
@@ -411,7 +412,7 @@ def run_diffusion_npo(args, out: Path) -> None:
             batch_size=args.batch_size, set_alpha_to_one=pipe.set_alpha_to_one, **common)
     seconds = time.time() - start
     meta |= {"train_seconds": f"{seconds:.1f}", "command": " ".join(sys.argv)}
-    path = save_offset(pipe.denoiser, base, args, out, meta)
+    path = save_offset(pipe.denoiser, base, args, out, meta, pipe.lora_prefix)
     write_log(log, out / "loss.csv")
     name = "dpo (--no-reverse)" if args.method == "dpo-npo" and args.no_reverse else args.method
     print(f"wrote {path}: {name}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "

@@ -394,6 +394,10 @@ def test_dpo_npo_two_steps_writes_a_lora_that_loads_as_neg_ckpt(tiny, tmp_path):
     pipe = load_pipeline("cogvideox", folder)
     delta = load_offset(lora, pipe.denoiser.state_dict(), pipe.read_weights)
     assert any(k.endswith("attn1.to_q.weight") for k in delta) and any(v.abs().max() > 0 for v in delta.values())
+    from safetensors import safe_open
+
+    with safe_open(lora, "pt") as f:  # diffusers' CogVideoX names: the component is the transformer
+        assert all(k.startswith("transformer.") for k in f.keys())
     args = json.loads((out / "args.json").read_text())
     assert args["lora_rank"] == MODELS["cogvideox"].npo["lora_rank"] and args["dpo_beta"] == MODELS["cogvideox"].npo["dpo_beta"]
     (tmp_path / "p.txt").write_text("a panda\n")
@@ -439,3 +443,45 @@ def test_reward_trainers_two_steps_on_video(tiny, tmp_path, monkeypatch, method)
     pipe = load_pipeline("cogvideox", folder)
     delta = load_offset(out / "pytorch_lora_weights.safetensors", pipe.denoiser.state_dict(), pipe.read_weights)
     assert any(v.abs().max() > 0 for v in delta.values())
+
+
+def test_exported_lora_loads_in_diffusers_cogvideox(tiny, tmp_path):
+    """python -m npo_min.export --model cogvideox writes PEFT names with the `transformer.` prefix; diffusers'
+    CogVideoXPipeline.load_lora_weights + fuse_lora on them gives our fused delta (exact rank: <= 1e-5), and our
+    reader reads the file back to the same delta."""
+    import copy
+
+    from npo_min import export
+    from npo_min.checkpoint import read_metadata
+    from npo_min.guidance import compose_negative
+
+    folder, ref = tiny["5b"]["folder"], tiny["5b"]["ref"]
+    pipe = load_pipeline("cogvideox", folder)
+    base = pipe.denoiser.state_dict()
+    g, delta = torch.Generator().manual_seed(4), {}
+    for layer in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0", "transformer_blocks.1.ff.net.2"):
+        w = base[layer + ".weight"]
+        delta[layer + ".weight"] = 0.02 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)  # rank 2
+    save_delta({k: base[k] + delta.get(k, 0) for k in base}, base, tmp_path / "run" / "delta.safetensors", {"base": "tiny"})
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    export.main([str(tmp_path / "run"), "--model", "cogvideox", "--weights", str(folder), "--rank", "2", "--out", str(lora)])
+    from safetensors import safe_open
+
+    with safe_open(lora, "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    meta = json.loads(read_metadata(lora)["lora_adapter_metadata"])
+    assert meta["transformer.r"] == meta["transformer.lora_alpha"] == 2
+    back = load_offset(lora, base, pipe.read_weights)
+    assert sorted(back) == sorted(delta) and max(maxerr(back[k], delta[k]) for k in delta) <= 1e-6
+    video = diffusers.CogVideoXPipeline(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, vae=ref.vae,
+                                        transformer=copy.deepcopy(ref.transformer), scheduler=ref.scheduler)
+    video.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="npo")
+    video.fuse_lora(lora_scale=1.0)
+    state = video.transformer.state_dict()
+    fused = {k: v for k, v in state.items() if "lora" not in k and "base_layer" not in k}
+    fused |= {k.replace(".base_layer", ""): v for k, v in state.items() if ".base_layer." in k}
+    ours = compose_negative(base, delta=delta)
+    err = max(maxerr(fused[k], ours[k]) for k in ours)
+    print(f"diffusers CogVideoX load_lora_weights + fuse_lora vs our fused delta: max abs err {err:.3g}")
+    assert err <= 1e-5 and max(maxerr(fused[k], base[k]) for k in delta) > 1e-3

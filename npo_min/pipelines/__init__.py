@@ -44,6 +44,8 @@ class Pipeline:
         name: a description of the loaded base (recorded in a delta's metadata).
         class_names: the prompts of a class-conditional model (sample.py's default), else None.
         latent_scale: pixels per latent pixel (8 for SD's VAE, 1 for pixel-space models).
+        lora_prefix: the denoiser's component in the diffusers pipeline, the prefix of PEFT LoRA names
+            (npo_min/export.py): "unet", or "transformer" (CogVideoX).
         prediction_type: the denoiser's output, "epsilon" (SD, digits) or "v_prediction" (CogVideoX); the
             schedule's to_x0 / to_eps turn it into x0 and eps for the solvers and Self-NPO.
         set_alpha_to_one: DDIM's final alpha past t = 0 (the family's scheduler config; CogVideoX: True).
@@ -57,6 +59,7 @@ class Pipeline:
     class_names: list[str] | None = None
     latent_scale: int = 1
     prediction_type: str = "epsilon"
+    lora_prefix: str = "unet"  # the denoiser's component name in diffusers' pipeline (LoRA export names)
     set_alpha_to_one: bool = False
     video: bool = False
 

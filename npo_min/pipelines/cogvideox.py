@@ -97,6 +97,7 @@ class CogVideoXPipe(Pipeline):
     latent_scale = 8
     prediction_type = "v_prediction"
     set_alpha_to_one = True
+    lora_prefix = "transformer"  # diffusers' CogVideoXPipeline.transformer
     video = True
 
     def __init__(self, transformer: CogVideoXTransformer3DModel, vae: AutoencoderKLCogVideoX, text_encoder: T5EncoderModel,
