@@ -141,8 +141,6 @@ def parse_args(argv=None):
             p.error("--method dpo-npo needs --pairs FILE (JSON lines {prompt, chosen, rejected}; see README).")
         if args.method != "dpo-npo" and args.pairs is not None:
             p.error(f"--pairs is for --method dpo-npo, not {args.method}.")
-        if args.resume:
-            p.error(f"--resume is for --method self-npo; a {args.method} run starts over (with --overwrite).")
     if args.weights is None and args.method != "pretrain":
         args.weights = default_weights(args.model)
     for key in ("steps", "batch_size", "grad_accum"):
@@ -365,7 +363,8 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
 
 def run_diffusion_npo(args, out: Path) -> None:
     """dpo-npo / reward-npo / guided-reward-npo (npo_min/diffusion_npo.py): every input is read and checked
-    (pairs, images, reward) before training starts; the delta or LoRA is written only at the end."""
+    (pairs, images, reward) before training starts; the delta or LoRA is written only at the end. Resumable as
+    Self-NPO: --out/resume.pt every --save-every steps and at Ctrl-C; --resume continues it bit for bit."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer,
@@ -377,6 +376,10 @@ def run_diffusion_npo(args, out: Path) -> None:
     common = dict(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                   grad_accum=args.grad_accum, autocast_dtype=autocast, generator=gen, progress=not args.no_progress,
                   prediction_type=pipe.prediction_type)
+    resume_file, recipe = out / RESUME, {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    resume = load_resume_for(resume_file, recipe) if args.resume else None
+    save = (lambda state: cli.save_resume(resume_file, {**state, "recipe": recipe})) if args.save_every else None
+    common |= dict(resume=resume, save=save, save_every=args.save_every)
     meta = {"base": pipe.name, "model": args.model, "method": args.method, "steps": args.steps, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed}
     if args.method == "dpo-npo":
@@ -384,8 +387,8 @@ def run_diffusion_npo(args, out: Path) -> None:
         pipe.release_text_encoder()  # every prompt is encoded (CogVideoX: frees T5)
         base = trainable(pipe.denoiser, args)
         meta |= {"dpo_beta": args.dpo_beta, "reverse": not args.no_reverse, "pairs": args.pairs}
-        start = time.time()
-        log = diffusion_npo.dpo_npo(pipe.denoiser, batches, pipe.schedule, args.dpo_beta, reverse=not args.no_reverse, **common)
+        fit = lambda: diffusion_npo.dpo_npo(pipe.denoiser, batches, pipe.schedule, args.dpo_beta,  # noqa: E731
+                                            reverse=not args.no_reverse, **common)
     else:
         from eval.rewards import load_reward  # the project's scorers; imported only here (keeps --help fast)
 
@@ -404,16 +407,28 @@ def run_diffusion_npo(args, out: Path) -> None:
         base = trainable(pipe.denoiser, args)
         meta |= {"reward": args.reward, "reward_k": args.reward_k, "sample_steps": args.sample_steps,
                  "guidance_scale": args.guidance_scale, "guided": args.method == "guided-reward-npo"}
-        start = time.time()
-        log = diffusion_npo.reward_npo(
+        fit = lambda: diffusion_npo.reward_npo(  # noqa: E731
             pipe.denoiser, pipe.decode_with_grad, reward, prompts, pipe.encode, pipe.null_cond(1),
             pipe.noise_shape(height, width, **video), pipe.schedule, guided=args.method == "guided-reward-npo",
             guidance_scale=args.guidance_scale, sample_steps=args.sample_steps, k=args.reward_k,
             batch_size=args.batch_size, set_alpha_to_one=pipe.set_alpha_to_one, **common)
+    start = time.time()
+    try:
+        log = fit()
+    except training.NonFiniteError as e:
+        kept = f" The last good state is in {resume_file} (--resume continues from it)." if resume_file.is_file() else ""
+        raise training.NonFiniteError(e.step, f"{e}{kept}") from None
+    except KeyboardInterrupt:
+        if save is None or not resume_file.is_file():
+            raise
+        step = cli.load_resume(resume_file)["step"]
+        raise cli.Interrupted(f"saved step {step} of {args.steps} to {resume_file}; continue with: "
+                              f"python train.py {' '.join(argv_of(args))} --resume") from None
     seconds = time.time() - start
     meta |= {"train_seconds": f"{seconds:.1f}", "command": " ".join(sys.argv)}
     path = save_offset(pipe.denoiser, base, args, out, meta, pipe.lora_prefix)
     write_log(log, out / "loss.csv")
+    resume_file.unlink(missing_ok=True)  # the run is complete: the LoRA / delta is its result
     name = "dpo (--no-reverse)" if args.method == "dpo-npo" and args.no_reverse else args.method
     print(f"wrote {path}: {name}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "
           f"loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}")
@@ -452,7 +467,7 @@ def main(argv=None):
         if resume_file.exists() and not args.overwrite:
             raise FileExistsError(f"{resume_file} holds a stopped run: continue it with the same flags and --resume, "
                                   "or pass --overwrite to start over.")
-        cli.check_out(files + ([resume_file] if args.method == "self-npo" and args.save_every else []),
+        cli.check_out(files + ([resume_file] if args.method in ("self-npo", *NPO_METHODS) and args.save_every else []),
                       args.overwrite, SCRIPT)
     if distributed.world_size() > 1 and args.method != "self-npo":
         raise ValueError(f"--method {args.method} runs in one process: start it with python, not torchrun.")

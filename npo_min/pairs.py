@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGE_SUFFIXES, shuffled_batches
+from .data import IMAGE_SUFFIXES, MappedBatches, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def check_pair_images(pairs: list[Pair], source: str) -> None:
 def preference_batches(pipe, path: str | os.PathLike, batch_size: int, generator: torch.Generator,
                        resolution: int | tuple[int, int] | None = None, log: Callable[[str], None] = print,
                        num_frames: int | None = None) -> Iterator[tuple]:
-    """Endless `(x_w (B, C, h, w), x_l, cond)` batches of the pairs in `path`, encoded once by the pipeline.
+    """Endless `(x_w (B, C, h, w), x_l, cond)` batches of the pairs in `path`, encoded once by the pipeline;
+    resumable (the data order: `state_dict` / `load_state_dict`).
 
     pipe: a Pipeline with `load_pixels(path, resolution) -> (C, H, W)` in [-1, 1], `encode_pixels(pixels)
     -> (mean, std)` of its data distribution (video: `load_pixels(path, resolution, num_frames) -> (C, F, H, W)`
@@ -147,7 +148,10 @@ def _index(cond, idx, device):
     return {k: v[idx].to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond[idx].to(device)
 
 
-def _pair_batches(mw, sw, ml, sl, context, batch_size, generator, device):
-    for idx in shuffled_batches(len(mw), batch_size, generator):
-        draw = lambda m, s: m[idx] + s[idx] * torch.randn(m[idx].shape, generator=generator)
-        yield draw(mw, sw).to(device), draw(ml, sl).to(device), _index(context, idx, device)
+def _pair_batches(mw, sw, ml, sl, context, batch_size, generator, device) -> MappedBatches:
+    """Resumable (`state_dict` / `load_state_dict`: the data order); the draws are those of a plain loop over
+    shuffled_batches: the index batch, then x_w's and x_l's posterior noise, from `generator`."""
+    def batch(idx):
+        draw = lambda m, s: m[idx] + s[idx] * torch.randn(m[idx].shape, generator=generator)  # noqa: E731
+        return draw(mw, sw).to(device), draw(ml, sl).to(device), _index(context, idx, device)
+    return MappedBatches(shuffled_batches(len(mw), batch_size, generator), batch)

@@ -254,3 +254,48 @@ def test_ddim_with_grad_v_prediction_matches_the_sampler():
     assert torch.isfinite(got).all() and torch.allclose(got.detach(), want, atol=1e-5), (got - want).abs().max()
     eps_form = ddim_with_grad(denoise, noise, 6, 1, schedule, set_alpha_to_one=True)
     assert not torch.isfinite(eps_form).all() or (eps_form - want).abs().max() > 1e-3  # the eps algebra is not v's
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: the process ends right after a resume checkpoint is written (nothing else runs)."""
+
+
+@pytest.mark.parametrize("method,rank", [("dpo-npo", 2), ("dpo-npo", 0), ("reward-npo", 2)])
+def test_killed_then_resumed_is_bitwise_equal(digits_base, tmp_path, monkeypatch, method, rank):
+    """A Diffusion-NPO run stopped after step 3 (in-process: the save raises, as a kill right after it) and
+    continued with --resume writes the LoRA / delta and loss log of the uninterrupted run, bit for bit."""
+    from safetensors.torch import load_file
+
+    from npo_min import cli
+
+    extra = ["--pairs", str(write_pairs(tmp_path / "p"))] if method == "dpo-npo" else ["--reward-k", "1", "--sample-steps", "3"]
+    flags = lambda out, *more: ["--method", method, "--weights", str(digits_base), "--out", str(out), "--steps", "5",  # noqa: E731
+                                "--no-progress", "--batch-size", "4", "--lora-rank", str(rank), "--save-every", "1",
+                                "--seed", "3", "--lr", "1e-2", *extra, *more]
+    name = LORA_FILE if rank else "delta.safetensors"
+    train.main(flags(tmp_path / "ref"))
+    assert not (tmp_path / "ref" / "resume.pt").exists()  # a finished run leaves only its results
+    save = cli.save_resume
+
+    def save_then_die(path, state):
+        save(path, state)
+        if state["step"] == 3:
+            raise Killed
+
+    monkeypatch.setattr(cli, "save_resume", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train.main(flags(out))
+    monkeypatch.setattr(cli, "save_resume", save)
+    assert cli.load_resume(out / "resume.pt")["step"] == 3 and not (out / name).exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.main(flags(out))  # a stopped run is never silently restarted
+    with pytest.raises(ValueError, match="other flags"):
+        train.main(flags(out, "--resume", "--dpo-beta", "7") if method == "dpo-npo" else flags(out, "--resume", "--reward-k", "2"))
+    train.main(flags(out, "--resume"))
+    got, want = load_file(out / name), load_file(tmp_path / "ref" / name)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(want[k].abs().max() > 0 for k in want)
+    rows = lambda p: [r.rsplit(",", 1)[0] for r in (p / "loss.csv").read_text().splitlines()]  # noqa: E731  (no seconds)
+    assert rows(out) == rows(tmp_path / "ref") and len(rows(out)) == 6
+    assert not (out / "resume.pt").exists()
