@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from einops import rearrange
 
 from npo_min import cli, diffusion_npo, distributed, training
 from npo_min.checkpoint import atomic_write, fingerprint, save_safetensors
@@ -140,8 +141,6 @@ def parse_args(argv=None):
             p.error("--method dpo-npo needs --pairs FILE (JSON lines {prompt, chosen, rejected}; see README).")
         if args.method != "dpo-npo" and args.pairs is not None:
             p.error(f"--pairs is for --method dpo-npo, not {args.method}.")
-        if args.resume:
-            p.error(f"--resume is for --method self-npo; a {args.method} run starts over (with --overwrite).")
     if args.weights is None and args.method != "pretrain":
         args.weights = default_weights(args.model)
     for key in ("steps", "batch_size", "grad_accum"):
@@ -225,11 +224,12 @@ def trainable(unet, args) -> dict:
     return base
 
 
-def save_offset(unet, base: dict, args, out: Path, meta: dict) -> Path:
-    """Write what was trained: the LoRA (with its rank / alpha / targets) or delta = trained - base."""
+def save_offset(unet, base: dict, args, out: Path, meta: dict, lora_prefix: str = "unet") -> Path:
+    """Write what was trained: the LoRA (with its rank / alpha / targets; PEFT names prefixed with the family's
+    `Pipeline.lora_prefix`) or delta = trained - base."""
     path = out / output_file(args)
     if args.lora_rank:
-        return save_lora(unet, base, path, meta, overwrite=args.overwrite)
+        return save_lora(unet, base, path, meta, overwrite=args.overwrite, prefix=lora_prefix)
     return save_delta(unet.state_dict(), base, path, meta, overwrite=args.overwrite)
 
 
@@ -322,7 +322,7 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
     if dist:  # every rank draws the global batch and keeps its rows
         batches = distributed.ShardedBatches(batches, dist.rank, dist.world)
     null, unet, schedule, base_name = pipe.null_cond(1), pipe.denoiser, pipe.schedule, pipe.name
-    prediction_type = pipe.prediction_type
+    prediction_type, lora_prefix = pipe.prediction_type, pipe.lora_prefix
     pipe.release_text_encoder()
     del pipe  # the frozen encoders / VAE are not needed any more: the batches hold what they encoded
     base = trainable(unet, args)
@@ -354,7 +354,7 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
             "cond_drop": cfg.cond_drop, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "train_seconds": f"{seconds:.1f}",
             "command": " ".join(sys.argv), **({"world_size": world} if dist else {})}
-    delta_file = save_offset(unet, base, args, out, meta)
+    delta_file = save_offset(unet, base, args, out, meta, lora_prefix)
     write_log(log, out / "loss.csv")
     resume_file.unlink(missing_ok=True)  # the run is complete: the delta is its result
     print(f"wrote {delta_file}: K={cfg.k}, {args.steps} steps in {seconds:.0f} s "
@@ -363,23 +363,32 @@ def run_self_npo(args, out: Path, dist: distributed.Dist | None = None) -> None:
 
 def run_diffusion_npo(args, out: Path) -> None:
     """dpo-npo / reward-npo / guided-reward-npo (npo_min/diffusion_npo.py): every input is read and checked
-    (pairs, images, reward) before training starts; the delta or LoRA is written only at the end."""
+    (pairs, images, reward) before training starts; the delta or LoRA is written only at the end. Resumable as
+    Self-NPO: --out/resume.pt every --save-every steps and at Ctrl-C; --resume continues it bit for bit."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer)
-    if hasattr(pipe, "set_image_size") and pipe.latent_scale > 1:  # SDXL: the time ids name the training size
+    pipe = load_pipeline(args.model, args.weights, device=args.device, config=args.config, tokenizer=args.tokenizer,
+                         text_dtype=DTYPES.get(args.text_dtype))
+    if hasattr(pipe, "set_image_size") and pipe.latent_scale > 1 and not pipe.video:  # SDXL: the time ids name the training size
         pipe.set_image_size(args.resolution, args.resolution)
+    video = {"num_frames": args.num_frames} if pipe.video else {}
     autocast = None if args.dtype == "fp32" else DTYPES[args.dtype]
     common = dict(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                  grad_accum=args.grad_accum, autocast_dtype=autocast, generator=gen, progress=not args.no_progress)
+                  grad_accum=args.grad_accum, autocast_dtype=autocast, generator=gen, progress=not args.no_progress,
+                  prediction_type=pipe.prediction_type)
+    resume_file, recipe = out / RESUME, {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    resume = load_resume_for(resume_file, recipe) if args.resume else None
+    save = (lambda state: cli.save_resume(resume_file, {**state, "recipe": recipe})) if args.save_every else None
+    common |= dict(resume=resume, save=save, save_every=args.save_every)
     meta = {"base": pipe.name, "model": args.model, "method": args.method, "steps": args.steps, "batch_size": args.batch_size,
             "grad_accum": args.grad_accum, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed}
     if args.method == "dpo-npo":
-        batches = preference_batches(pipe, args.pairs, args.batch_size, gen, resolution=args.resolution)
+        batches = preference_batches(pipe, args.pairs, args.batch_size, gen, resolution=args.resolution, **video)
+        pipe.release_text_encoder()  # every prompt is encoded (CogVideoX: frees T5)
         base = trainable(pipe.denoiser, args)
         meta |= {"dpo_beta": args.dpo_beta, "reverse": not args.no_reverse, "pairs": args.pairs}
-        start = time.time()
-        log = diffusion_npo.dpo_npo(pipe.denoiser, batches, pipe.schedule, args.dpo_beta, reverse=not args.no_reverse, **common)
+        fit = lambda: diffusion_npo.dpo_npo(pipe.denoiser, batches, pipe.schedule, args.dpo_beta,  # noqa: E731
+                                            reverse=not args.no_reverse, **common)
     else:
         from eval.rewards import load_reward  # the project's scorers; imported only here (keeps --help fast)
 
@@ -391,22 +400,48 @@ def run_diffusion_npo(args, out: Path) -> None:
         else:
             raise ValueError(f"--method {args.method} --model {args.model} needs --prompts FILE (the prompts to sample).")
         size = MODELS[args.model].sample
-        height = width = args.resolution if pipe.latent_scale > 1 else size["height"]
+        if pipe.video:  # clips: the reward is the mean over the decoded frames
+            (height, width), reward = args.resolution, frame_mean_reward(reward)
+        else:
+            height = width = args.resolution if pipe.latent_scale > 1 else size["height"]
         base = trainable(pipe.denoiser, args)
         meta |= {"reward": args.reward, "reward_k": args.reward_k, "sample_steps": args.sample_steps,
                  "guidance_scale": args.guidance_scale, "guided": args.method == "guided-reward-npo"}
-        start = time.time()
-        log = diffusion_npo.reward_npo(
+        fit = lambda: diffusion_npo.reward_npo(  # noqa: E731
             pipe.denoiser, pipe.decode_with_grad, reward, prompts, pipe.encode, pipe.null_cond(1),
-            pipe.noise_shape(height, width), pipe.schedule, guided=args.method == "guided-reward-npo",
+            pipe.noise_shape(height, width, **video), pipe.schedule, guided=args.method == "guided-reward-npo",
             guidance_scale=args.guidance_scale, sample_steps=args.sample_steps, k=args.reward_k,
-            batch_size=args.batch_size, **common)
+            batch_size=args.batch_size, set_alpha_to_one=pipe.set_alpha_to_one, **common)
+    start = time.time()
+    try:
+        log = fit()
+    except training.NonFiniteError as e:
+        kept = f" The last good state is in {resume_file} (--resume continues from it)." if resume_file.is_file() else ""
+        raise training.NonFiniteError(e.step, f"{e}{kept}") from None
+    except KeyboardInterrupt:
+        if save is None or not resume_file.is_file():
+            raise
+        step = cli.load_resume(resume_file)["step"]
+        raise cli.Interrupted(f"saved step {step} of {args.steps} to {resume_file}; continue with: "
+                              f"python train.py {' '.join(argv_of(args))} --resume") from None
     seconds = time.time() - start
     meta |= {"train_seconds": f"{seconds:.1f}", "command": " ".join(sys.argv)}
-    path = save_offset(pipe.denoiser, base, args, out, meta)
+    path = save_offset(pipe.denoiser, base, args, out, meta, pipe.lora_prefix)
     write_log(log, out / "loss.csv")
-    print(f"wrote {path}: {args.method}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "
+    resume_file.unlink(missing_ok=True)  # the run is complete: the LoRA / delta is its result
+    name = "dpo (--no-reverse)" if args.method == "dpo-npo" and args.no_reverse else args.method
+    print(f"wrote {path}: {name}, {args.steps} steps in {seconds:.0f} s ({seconds / args.steps:.2f} s/step), "
           f"loss {log[0]['loss']:.4g} -> {log[-1]['loss']:.4g}")
+
+
+def frame_mean_reward(reward):
+    """An image reward `(images (B, C, H, W), prompts) -> (B,)` as a clip reward: clips `(B, C, F, H, W)` ->
+    the mean over the F frames `(B,)`, each frame scored with its clip's prompt."""
+    def score(clips, prompts):
+        B, F = clips.shape[0], clips.shape[2]
+        frames = rearrange(clips, "b c f h w -> (b f) c h w")  # (B*F, C, H, W)
+        return reward(frames, [p for p in prompts for _ in range(F)]).reshape(B, F).mean(1)  # (B*F,) -> (B, F) -> (B,)
+    return score
 
 
 def output_files(args) -> list[Path]:
@@ -432,7 +467,7 @@ def main(argv=None):
         if resume_file.exists() and not args.overwrite:
             raise FileExistsError(f"{resume_file} holds a stopped run: continue it with the same flags and --resume, "
                                   "or pass --overwrite to start over.")
-        cli.check_out(files + ([resume_file] if args.method == "self-npo" and args.save_every else []),
+        cli.check_out(files + ([resume_file] if args.method in ("self-npo", *NPO_METHODS) and args.save_every else []),
                       args.overwrite, SCRIPT)
     if distributed.world_size() > 1 and args.method != "self-npo":
         raise ValueError(f"--method {args.method} runs in one process: start it with python, not torchrun.")

@@ -24,6 +24,7 @@ file is missing and where it goes.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,7 +137,8 @@ def load_reward(name: str, weights_dir: str | os.PathLike | None = None, device:
     try:
         paths = weight_paths(args, [name])
     except FileNotFoundError as e:
-        raise RewardUnavailable(f"reward {name} is not installed: {e}") from None
+        where = re.sub(r",? or pass --[\w-]+ PATH\.?$", "", str(e)).rstrip(".")  # score.py's flags are not train.py's
+        raise RewardUnavailable(f"reward {name} is not installed: {where} (or pass --reward-weights DIR holding that layout).") from None
     scorer = load_scorer(name, paths, device, torch.float32, batch_size=16)
     for module in (scorer.model, getattr(scorer, "head", None)):
         if module is not None:

@@ -69,6 +69,28 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (H, W, 3) -> (3, H, W)
 
 
+def load_image_random_crop(path: str | os.PathLike, resolution: int,
+                           generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An RGB image -> `(3, resolution, resolution)` float32 in [-1, 1] and the crop's (top, left) in pixels.
+
+    Shortest side resized to `resolution` (LANCZOS, as load_image), then a random crop: top uniform in
+    [0, resized height - resolution], left in [0, resized width - resolution], drawn in that order with
+    `generator` (two draws per image, also when one range is {0}). The authors' SDXL transform (train_xl.py:
+    Resize + RandomCrop, whose (top, left) go into the SDXL crop time ids), done with pillow.
+
+    Raises ValueError: not a readable image (the message names the file).
+    """
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
+        raise ValueError(f"{path} is not a readable image ({e}): remove or replace it.") from None
+    _, _, width, height = centre_crop_box(img.size, resolution)
+    top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+    img = img.resize((width, height), Image.LANCZOS).crop((left, top, left + resolution, top + resolution))
+    return to_tensor(img), (top, left)
+
+
 def clip_caption_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     """Clips in `folder` (sorted by name) with the text of their same-name `.txt` caption.
 

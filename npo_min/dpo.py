@@ -14,6 +14,12 @@ the loss is
 It falls when the trained model denoises x_w better (relative to the reference) than x_l. beta is the
 KL-strength (the authors: 500 for SD1.5, 2000 for SDXL; larger = stay closer to the reference).
 
+v-prediction models (CogVideoX): the error is on the model's OWN prediction target, e(x) = || v - v_theta ||^2
+with v = alpha_t eps - sigma_t x0, as diffusers' Diffusion-DPO training script does for v-prediction models
+(`target = noise_scheduler.get_velocity(...)`). Since v - v_theta = (eps - eps_theta) / alpha_t (alpha^2 +
+sigma^2 = 1), this is the eps error weighted by 1 / alpha_t^2 per sample, finite at zero terminal SNR where
+the eps form is not (alpha_T = 0 makes eps_theta = sigma x_t + alpha v carry no information about x0).
+
 Diffusion-NPO Eq. 8 trains the negative-preference model delta with the pair reversed, (x_w, x_l) -> (x_l,
 x_w): `reverse=True`. `reverse=False` is ordinary Diffusion-DPO, whose offset is the eta of Eq. 10. Ties
 carry no preference and are dropped before training (npo_min/pairs.py), as the official code keeps only
@@ -26,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .guidance import Cond, cat_cond
-from .schedule import NoiseSchedule, add_noise
+from .schedule import NoiseSchedule, add_noise, x0_eps_to_v
 
 
 def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,12 +56,14 @@ def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, 
 
 
 def dpo_step_loss(model, reference, x_w: torch.Tensor, x_l: torch.Tensor, cond: Cond, schedule: NoiseSchedule,
-                  beta: float, reverse: bool = False, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                  beta: float, reverse: bool = False, generator: torch.Generator | None = None,
+                  prediction_type: str = "epsilon") -> tuple[torch.Tensor, dict]:
     """One Diffusion-DPO loss evaluation on a batch of pairs.
 
-    model / reference: denoisers `f(x_t (B, ...), t (B,), cond) -> eps`; the reference runs without gradients
+    model / reference: denoisers `f(x_t (B, ...), t (B,), cond) -> eps` (or v for prediction_type
+    "v_prediction": the errors are then on v, see the module docstring); the reference runs without gradients
     (it may be the same module with its LoRA switched off: pass a callable that does so).
-    x_w, x_l: `(B, C, H, W)` clean data (latents or pixels) of the preferred / rejected images; cond: c, batch B.
+    x_w, x_l: `(B, C, H, W)` (video: `(B, F, C, h, w)`) clean data (latents or pixels) of the preferred / rejected images; cond: c, batch B.
     t ~ U{0, ..., T-1} and eps ~ N(0, I) are drawn once per pair and shared by both images.
     """
     B, T = x_w.shape[0], schedule.num_train_timesteps
@@ -63,10 +71,16 @@ def dpo_step_loss(model, reference, x_w: torch.Tensor, x_l: torch.Tensor, cond: 
     eps = torch.randn(x_w.shape, generator=generator, dtype=x_w.dtype).to(x_w.device)
     alpha, sigma = schedule.coefs(t, x_w)
     x_t = torch.cat([add_noise(x_w, eps, alpha, sigma), add_noise(x_l, eps, alpha, sigma)])  # (2B, C, H, W): w then l
-    t2, eps2, cond2 = torch.cat([t, t]), torch.cat([eps, eps]), cat_cond(cond, cond)
-    err_w, err_l = per_sample_error(model(x_t, t2, cond2), eps2).chunk(2)
+    t2, cond2 = torch.cat([t, t]), cat_cond(cond, cond)
+    if prediction_type == "epsilon":
+        target = torch.cat([eps, eps])  # (2B, ...)
+    elif prediction_type == "v_prediction":
+        target = torch.cat([x0_eps_to_v(x_w, eps, alpha, sigma), x0_eps_to_v(x_l, eps, alpha, sigma)])  # (2B, ...): w then l
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}.")
+    err_w, err_l = per_sample_error(model(x_t, t2, cond2), target).chunk(2)
     with torch.no_grad():
-        ref_w, ref_l = per_sample_error(reference(x_t, t2, cond2), eps2).chunk(2)
+        ref_w, ref_l = per_sample_error(reference(x_t, t2, cond2), target).chunk(2)
     loss, stats = dpo_loss(err_w, err_l, ref_w, ref_l, beta, reverse)
     stats["mean_t"] = t.float().mean().item()
     return loss, stats

@@ -12,10 +12,12 @@ and scale alpha / r = 1 (alpha = r is written). Offsets of vectors (biases, norm
 are dropped. Printed: the relative Frobenius error ||M - M_r|| / ||M|| per layer and overall (over every
 tensor of the offset, the dropped ones included).
 
-Names: "peft" = diffusers / PEFT (`unet.<layer>.lora_A.weight`, `.lora_B.weight`, with the
-`lora_adapter_metadata` header diffusers' `load_lora_weights` reads); "kohya" = kohya-ss
+Names: "peft" = diffusers / PEFT (`<prefix>.<layer>.lora_A.weight`, `.lora_B.weight`, with the
+`lora_adapter_metadata` header diffusers' `load_lora_weights` reads; prefix = the denoiser's component in the
+diffusers pipeline, `Pipeline.lora_prefix`: `unet` for the UNet families, `transformer` for CogVideoX); "kohya" = kohya-ss
 (`lora_unet_<layer with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`), what ComfyUI and A1111 load.
-Layer names are the denoiser's diffusers module names (the project's own).
+Layer names are the denoiser's diffusers module names (the project's own), except kohya SDXL: the LDM
+(original) module paths kohya-ss uses for SDXL (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`).
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ def low_rank(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, fl
     return up.float(), down.float(), err
 
 
-def to_lora(offset: Offset, rank: int, fmt: str = "peft") -> tuple[dict[str, torch.Tensor], dict]:
+def to_lora(offset: Offset, rank: int, fmt: str = "peft", names: dict[str, str] | None = None,
+            prefix: str = "unet") -> tuple[dict[str, torch.Tensor], dict]:
     """An offset over a denoiser's state-dict keys -> (LoRA tensors in `fmt` names, report).
+
+    names: for "kohya", the module path written for a layer (default: the layer's own, diffusers, name);
+    kohya_names gives the LDM paths kohya-ss uses for SDXL. prefix: the PEFT names' component ("unet",
+    "transformer").
 
     report: {"layers": {layer: relative error}, "dropped": [keys without a LoRA form], "overall": relative
     error over the whole offset, "rank": rank}. Zero tensors are skipped (a LoRA-shaped offset touches few
@@ -79,9 +86,9 @@ def to_lora(offset: Offset, rank: int, fmt: str = "peft") -> tuple[dict[str, tor
         if v.ndim == 4:  # conv: down keeps the kernel, up is 1x1
             down, up = down.reshape(rank, *v.shape[1:]), up.reshape(v.shape[0], rank, 1, 1)  # (r, in, kh, kw), (out, r, 1, 1)
         if fmt == "peft":
-            tensors[f"unet.{layer}.lora_A.weight"], tensors[f"unet.{layer}.lora_B.weight"] = down, up
+            tensors[f"{prefix}.{layer}.lora_A.weight"], tensors[f"{prefix}.{layer}.lora_B.weight"] = down, up
         else:
-            name = "lora_unet_" + layer.replace(".", "_")
+            name = "lora_unet_" + (names or {}).get(layer, layer).replace(".", "_")
             tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
             tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     if not layers:
@@ -90,22 +97,34 @@ def to_lora(offset: Offset, rank: int, fmt: str = "peft") -> tuple[dict[str, tor
     return tensors, {"layers": layers, "dropped": dropped, "overall": overall, "rank": rank}
 
 
-def lora_header(layers: list[str], rank: int) -> dict[str, str]:
-    """The `lora_adapter_metadata` diffusers reads (r = lora_alpha = rank: scale 1), keys prefixed `unet.`."""
+def kohya_names(base: Offset) -> dict[str, str] | None:
+    """The module paths kohya-ss names a LoRA of this denoiser by: SDXL's UNet (it has the `text_time` added
+    embedding) in the LDM layout, as kohya's sd-scripts, ComfyUI and A1111 write and read SDXL LoRAs
+    (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`); None for the rest, whose kohya LoRAs use the
+    diffusers paths (SD1.5's `down_blocks.0.attentions.0...`)."""
+    if "add_embedding.linear_1.weight" not in base:
+        return None
+    from .unet import ldm_layer_names
+    return ldm_layer_names(base)
+
+
+def lora_header(layers: list[str], rank: int, prefix: str = "unet") -> dict[str, str]:
+    """The `lora_adapter_metadata` diffusers reads (r = lora_alpha = rank: scale 1), keys prefixed `<prefix>.`."""
     config = {"r": rank, "lora_alpha": rank, "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none",
               "use_dora": False, "use_rslora": False, "init_lora_weights": True}
-    return {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True)}
+    return {"lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, sort_keys=True)}
 
 
 def export(offset: Offset, base: Offset, path: str | os.PathLike, rank: int, fmt: str = "peft", metadata: dict | None = None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, prefix: str = "unet") -> dict:
     """Write `offset` as a rank-`rank` LoRA to `path` (atomically, refusing to overwrite); returns the report.
-    The header carries the base's fingerprint (checked by npo_min.offsets.load_offset)."""
-    tensors, report = to_lora(offset, rank, fmt)
+    The header carries the base's fingerprint (checked by npo_min.offsets.load_offset). prefix: the PEFT names'
+    component (the family's `Pipeline.lora_prefix`: "unet", CogVideoX "transformer")."""
+    tensors, report = to_lora(offset, rank, fmt, kohya_names(base) if fmt == "kohya" else None, prefix)
     meta = {"format": LORA_FORMAT, "base_fingerprint": fingerprint(base), "export_rank": rank,
             "export_overall_relative_error": f"{report['overall']:.6g}", **(metadata or {})}
     if fmt == "peft":
-        meta |= lora_header(list(report["layers"]), rank)
+        meta |= lora_header(list(report["layers"]), rank, prefix)
     save_safetensors(tensors, path, meta, overwrite=overwrite)
     return report
 
@@ -144,7 +163,7 @@ def main(argv=None):
     base = pipe.denoiser.state_dict()
     offset = load_offset(args.offset, base, pipe.read_weights, check_fingerprint=not args.ignore_fingerprint)
     report = export(offset, base, args.out, args.rank, args.format, {"source": str(args.offset), "base": pipe.name},
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, prefix=pipe.lora_prefix)
     print(format_report(report))
     print(f"wrote {args.out} ({args.format} names, rank {args.rank})")
 

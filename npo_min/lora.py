@@ -154,18 +154,20 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
 
 
-def save_lora(model: nn.Module, base: dict[str, torch.Tensor], path, metadata: dict, overwrite: bool = False):
+def save_lora(model: nn.Module, base: dict[str, torch.Tensor], path, metadata: dict, overwrite: bool = False,
+              prefix: str = "unet"):
     """Write the model's adapters (PEFT names, see `lora_state_dict`) with metadata {format: LORA_FORMAT,
     base_fingerprint, lora_adapter_metadata, **metadata}, atomically; refuses NaN / Inf. Returns the path.
+    prefix: the denoiser's component in diffusers' pipeline (`Pipeline.lora_prefix`: "unet", CogVideoX "transformer").
 
     Raises:
         ValueError: a non-finite adapter weight. FileExistsError: path exists and not overwrite.
     """
     from .checkpoint import fingerprint, save_safetensors
 
-    tensors = lora_state_dict(model)
+    tensors = lora_state_dict(model, prefix + ".")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"the trained LoRA has NaN / Inf in {len(bad)} tensors, e.g. {bad[:2]}: lower --lr; nothing written.")
-    meta = {"format": LORA_FORMAT, "base_fingerprint": fingerprint(base), **lora_metadata(model), **metadata}
+    meta = {"format": LORA_FORMAT, "base_fingerprint": fingerprint(base), **lora_metadata(model, prefix + "."), **metadata}
     return save_safetensors(tensors, path, meta, overwrite=overwrite)

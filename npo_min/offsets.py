@@ -8,12 +8,14 @@ model family alike (so `--neg-ckpt` and `--pos-ckpt` accept the same things ever
     fingerprint in the metadata; the fingerprint must match the loaded base;
   - a LoRA `.safetensors` / `.bin` (or a folder holding `pytorch_lora_weights.safetensors`, or PEFT's
     `adapter_model.safetensors` + `adapter_config.json`) in PEFT, diffusers, attention-processor or
-    kohya-ss names: delta[layer.weight] = (alpha / r) B @ A, alpha per layer from PEFT's alpha_pattern.
+    kohya-ss names (`lora_unet_` + the diffusers module path, as its SD1.5 LoRAs, or + the LDM module path,
+    as its SDXL ones: the UNet's key map, unet.ldm_layer_names); delta[layer.weight] = (alpha / r) B @ A,
+    alpha per layer from PEFT's alpha_pattern. Text-encoder LoRA keys (`lora_te*`, `text_encoder*`) are refused.
     The authors' released `sd15_beta500_2kiter.safetensors` is in diffusers names, without alpha; the
     LoRAs train.py writes (npo_min/lora.py) carry the base's fingerprint, checked like a delta's;
   - a full fine-tuned denoiser in the family's own layout (e.g. a Diffusion-DPO UNet for --pos-ckpt):
     weights - base. The family passes its reader `read_weights(path) -> state dict` (its key map),
-    so this module imports no model family.
+    so this module imports no model family (kohya-ss's LDM names use the SD UNet's key map, unet.ldm_layer_names).
 """
 
 from __future__ import annotations
@@ -154,17 +156,28 @@ def lora_factors(lora: Offset, base: Offset, alpha: float | None = None, alpha_p
     NPO LoRA uses). `rank_pattern` (PEFT's per-layer ranks) is checked against the tensors' ranks. Keys name
     layers in any LORA_FORMS.
 
-    Raises CheckpointError: a key names no layer of `base`, a text-encoder or DoRA LoRA, a layer with only
+    Raises CheckpointError: a key names no layer of `base`, text-encoder keys (not applied), a DoRA LoRA, a layer with only
     one of down / up, a rank that contradicts rank_pattern, or a product whose size differs from the layer's weight.
     """
     layers = {k[: -len(".weight")] for k in base if k.endswith(".weight")}
     underscored = {name.replace(".", "_"): name for name in layers}  # kohya-ss writes module paths with `_`
+    if any(k.startswith("lora_unet_") for k in lora):
+        # kohya-ss names from the LDM (original) layout, as its SDXL LoRAs: input_blocks_4_1_... -> down_blocks.1.attentions.0...
+        from .unet import ldm_layer_names  # the SD-style UNet's key map ({} for other denoisers)
+        underscored |= {ldm.replace(".", "_"): name for name, ldm in ldm_layer_names(layers).items()}
+    text = [k for k in lora if k.startswith(("text_encoder", "lora_te"))]
+    if text:
+        raise CheckpointError(f"{len(text)} of {len(lora)} LoRA keys are for a text encoder (e.g. {text[0]}): text-encoder "
+                              "LoRAs are not applied, only the denoiser's; save the UNet keys (lora_unet_* / unet.*) alone to use those.")
+    lycoris = [k for k in lora if re.search(r"\.(hada_|lokr_|lora_mid\.)", k)]
+    if lycoris:
+        raise CheckpointError(f"{lycoris[0]}: a LyCORIS adapter (LoHa / LoKr / LoCon with a Tucker mid), which is not a "
+                              "plain LoRA (up @ down): merge it into the model with its own tools and pass the full model.")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in lora.items():
-        if key.startswith(("text_encoder", "lora_te")) or "dora_scale" in key or "magnitude_vector" in key:
-            raise CheckpointError(f"{key}: only denoiser (UNet / transformer) LoRAs without DoRA are supported; "
-                                  "this one changes more (only UNet LoRAs are read).")
+        if "dora_scale" in key or "magnitude_vector" in key:
+            raise CheckpointError(f"{key}: DoRA LoRAs are not supported (their scale is not alpha / r): fuse it into a full model first.")
         k = re.sub(r"^(unet\.|transformer\.|base_model\.model\.)", "", key)
         # old diffusers attention processors: attn1.processor.to_q_lora.down -> attn1.to_q.lora.down
         k = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.", lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.", k)

@@ -8,6 +8,8 @@ One pair per line (blank lines are skipped):
 prompt: the text (digits: the class name "0".."9"); chosen: the preferred image; rejected: the other one;
 tie (optional, default false): no preference, dropped. Relative paths resolve from the file's folder. Both
 images of a pair must have the same size (they were generated from the same prompt at the same size).
+Video models (CogVideoX): chosen / rejected are clips, an animated .gif / .webp or a folder of .png / .jpg
+frames (npo_min.data.read_frames), each with at least --num-frames frames; their frame size is checked.
 
 Every check is made before any training: a missing / unreadable image, a pair whose images differ in size,
 a bad line or an empty file raise one-line errors (ValueError / FileNotFoundError) naming the file and line.
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import shuffled_batches
+from .data import IMAGE_SUFFIXES, MappedBatches, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def read_pairs(path: str | os.PathLike) -> tuple[list[Pair], int]:
             continue
         chosen, rejected = (path.parent / row[k] for k in ("chosen", "rejected"))
         for image in (chosen, rejected):
-            if not image.is_file():
+            if not (image.is_file() or image.is_dir()):  # a folder: a clip's frames (video models)
                 raise FileNotFoundError(f"{path} line {n}: image {image} not found.")
         pairs.append(Pair(row["prompt"], chosen, rejected, n))
     if lines == 0:
@@ -74,7 +76,13 @@ def read_pairs(path: str | os.PathLike) -> tuple[list[Pair], int]:
 
 
 def image_size(path: Path, where: str) -> tuple[int, int]:
-    """(width, height) of an image file; ValueError naming it if pillow cannot read it."""
+    """(width, height) of an image file, of a clip (.gif / .webp: its first frame) or of a frame folder (its
+    first frame in name order); ValueError naming it if pillow cannot read it."""
+    if path.is_dir():
+        frames = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not frames:
+            raise ValueError(f"{where}: folder {path} holds no .png / .jpg frames: a clip folder needs its frames.")
+        path = frames[0]
     try:
         with Image.open(path) as im:
             im.load()
@@ -94,11 +102,14 @@ def check_pair_images(pairs: list[Pair], source: str) -> None:
 
 
 def preference_batches(pipe, path: str | os.PathLike, batch_size: int, generator: torch.Generator,
-                       resolution: int | None = None, log: Callable[[str], None] = print) -> Iterator[tuple]:
-    """Endless `(x_w (B, C, h, w), x_l, cond)` batches of the pairs in `path`, encoded once by the pipeline.
+                       resolution: int | tuple[int, int] | None = None, log: Callable[[str], None] = print,
+                       num_frames: int | None = None) -> Iterator[tuple]:
+    """Endless `(x_w (B, C, h, w), x_l, cond)` batches of the pairs in `path`, encoded once by the pipeline;
+    resumable (the data order: `state_dict` / `load_state_dict`).
 
     pipe: a Pipeline with `load_pixels(path, resolution) -> (C, H, W)` in [-1, 1], `encode_pixels(pixels)
-    -> (mean, std)` of its data distribution (std 0 for pixel-space models) and `encode(prompts)`. Each batch
+    -> (mean, std)` of its data distribution (video: `load_pixels(path, resolution, num_frames) -> (C, F, H, W)`
+    and latents `(B, F', C, h, w)`; num_frames is passed only when given) (std 0 for pixel-space models) and `encode(prompts)`. Each batch
     draws fresh latents mean + std * N(0, I), as Diffusion-DPO's `latent_dist.sample()` per step.
     Raises: as read_pairs / check_pair_images; ValueError if batch_size exceeds the number of pairs.
     """
@@ -113,7 +124,8 @@ def preference_batches(pipe, path: str | os.PathLike, batch_size: int, generator
         for i in range(0, len(pairs), 8):
             chunk = pairs[i : i + 8]
             for key, attr in (("w", "chosen"), ("l", "rejected")):
-                pixels = torch.stack([pipe.load_pixels(getattr(p, attr), resolution) for p in chunk])
+                frames = {} if num_frames is None else {"num_frames": num_frames}
+                pixels = torch.stack([pipe.load_pixels(getattr(p, attr), resolution, **frames) for p in chunk])
                 stats[key].append(tuple(t.cpu() for t in pipe.encode_pixels(pixels)))
             contexts.append(_to_cpu(pipe.encode([p.prompt for p in chunk])))
     (mw, sw), (ml, sl) = ((torch.cat([m for m, _ in stats[k]]), torch.cat([s for _, s in stats[k]])) for k in ("w", "l"))
@@ -136,7 +148,10 @@ def _index(cond, idx, device):
     return {k: v[idx].to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond[idx].to(device)
 
 
-def _pair_batches(mw, sw, ml, sl, context, batch_size, generator, device):
-    for idx in shuffled_batches(len(mw), batch_size, generator):
-        draw = lambda m, s: m[idx] + s[idx] * torch.randn(m[idx].shape, generator=generator)
-        yield draw(mw, sw).to(device), draw(ml, sl).to(device), _index(context, idx, device)
+def _pair_batches(mw, sw, ml, sl, context, batch_size, generator, device) -> MappedBatches:
+    """Resumable (`state_dict` / `load_state_dict`: the data order); the draws are those of a plain loop over
+    shuffled_batches: the index batch, then x_w's and x_l's posterior noise, from `generator`."""
+    def batch(idx):
+        draw = lambda m, s: m[idx] + s[idx] * torch.randn(m[idx].shape, generator=generator)  # noqa: E731
+        return draw(mw, sw).to(device), draw(ml, sl).to(device), _index(context, idx, device)
+    return MappedBatches(shuffled_batches(len(mw), batch_size, generator), batch)

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -486,6 +487,36 @@ def ldm_unet_prefixes(cfg: UNetConfig) -> list[tuple[str, str]]:
                 pairs.append((f"output_blocks.{i}.{2 if attn else 1}.conv.", f"up_blocks.{level}.upsamplers.0.conv."))
             i += 1
     return pairs
+
+
+def ldm_layer_names(layers) -> dict[str, str]:
+    """Diffusers module name -> LDM module name, for the layers of an SD-style UNet named in diffusers' layout
+    (e.g. `down_blocks.1.resnets.0.conv1` -> `input_blocks.4.0.in_layers.2`), what kohya-ss SDXL LoRAs name.
+
+    layers: the UNet's module (or state-dict) names. The block structure that `ldm_unet_prefixes` needs
+    (levels, layers per block, attention per level, SDXL's added embedding) is read from them; names no
+    rule knows are left out. Returns {} for a model without `down_blocks` (not an SD-style UNet).
+    """
+    layers = {k.removesuffix(".weight").removesuffix(".bias") for k in layers}
+    levels = {int(m[1]) for k in layers if (m := re.match(r"down_blocks\.(\d+)\.", k))}
+    if not levels:
+        return {}
+    n = max(levels) + 1
+    per_block = 1 + max(int(m[1]) for k in layers if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    cfg = UNetConfig(block_out_channels=(1,) * n, layers_per_block=per_block,  # widths unused by the key map
+                     cross_attn=tuple(any(k.startswith(f"down_blocks.{l}.attentions.") for k in layers) for l in range(n)),
+                     addition_embed_type="text_time" if any(k.startswith("add_embedding.") for k in layers) else None)
+    pairs = sorted(ldm_unet_prefixes(cfg), key=lambda p: -len(p[1]))  # longest diffusers prefix first
+    out = {}
+    for name in layers:
+        for old, new in pairs:
+            if (name + ".").startswith(new):
+                rest = (name + ".")[len(new):]
+                if ".resnets." in new:
+                    rest = next((rest.replace(b, a, 1) for a, b in LDM_RESNET.items() if rest.startswith(b)), rest)
+                out[name] = (old + rest).removesuffix(".")
+                break
+    return out
 
 
 def ldm_unet_to_diffusers(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:

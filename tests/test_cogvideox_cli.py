@@ -359,3 +359,129 @@ def test_scheduler_config_checked(tiny, tmp_path):
         else:
             with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
                 read_scheduler_config(tmp_path)
+
+
+# ----------------------------------------------------------------------------- Diffusion-NPO trainers on video
+
+
+def make_clip_pairs(folder: Path, frames: int = 9) -> Path:
+    """A pairs file over clips: two GIFs (one pair) and two frame folders (another), same size within a pair."""
+    folder.mkdir(parents=True)
+    write_gif(folder / "a.gif", frames, seed=0)
+    write_gif(folder / "b.gif", frames, seed=1)
+    for name, seed in (("c", 2), ("d", 3)):
+        (folder / name).mkdir()
+        rng = np.random.default_rng(seed)
+        for i in range(frames):
+            Image.fromarray(rng.integers(0, 255, (36, 60, 3), dtype=np.uint8)).save(folder / name / f"{i:03d}.png")
+    rows = [{"prompt": "a panda eating bamboo", "chosen": "a.gif", "rejected": "b.gif"},
+            {"prompt": "a car on a dirt road", "chosen": "c", "rejected": "d"}]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "pairs.jsonl"
+
+
+def test_dpo_npo_two_steps_writes_a_lora_that_loads_as_neg_ckpt(tiny, tmp_path):
+    """train.py --model cogvideox --method dpo-npo on GIF and frame-folder pairs: 2 steps, the LoRA (the MODELS npo
+    row's rank 8) loads back through --neg-ckpt and changes the samples."""
+    folder = tiny["5b"]["folder"]
+    pairs, out = make_clip_pairs(tmp_path / "clips"), tmp_path / "run"
+    train.main(["--model", "cogvideox", "--weights", str(folder), "--method", "dpo-npo", "--pairs", str(pairs),
+                "--steps", "2", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--resolution", "32x48",
+                "--num-frames", "9", "--out", str(out), "--no-progress", "--device", "cpu"])
+    log = (out / "loss.csv").read_text().splitlines()
+    assert len(log) == 3 and all(np.isfinite(float(row.split(",")[1])) for row in log[1:])
+    lora = out / "pytorch_lora_weights.safetensors"
+    pipe = load_pipeline("cogvideox", folder)
+    delta = load_offset(lora, pipe.denoiser.state_dict(), pipe.read_weights)
+    assert any(k.endswith("attn1.to_q.weight") for k in delta) and any(v.abs().max() > 0 for v in delta.values())
+    from safetensors import safe_open
+
+    with safe_open(lora, "pt") as f:  # diffusers' CogVideoX names: the component is the transformer
+        assert all(k.startswith("transformer.") for k in f.keys())
+    args = json.loads((out / "args.json").read_text())
+    assert args["lora_rank"] == MODELS["cogvideox"].npo["lora_rank"] and args["dpo_beta"] == MODELS["cogvideox"].npo["dpo_beta"]
+    (tmp_path / "p.txt").write_text("a panda\n")
+    sample.main(["--model", "cogvideox", "--weights", str(folder), "--neg-ckpt", str(lora), "--prompts", str(tmp_path / "p.txt"),
+                 "--out", str(tmp_path / "samples"), "--steps", "2", "--num-frames", "9", "--height", "32", "--width", "48",
+                 "--batch-size", "1", "--device", "cpu", "--no-progress"])
+    assert (tmp_path / "samples" / "npo" / "0000.gif").is_file()
+
+
+def test_clip_pairs_read_as_video_latents(tiny, tmp_path):
+    """preference_batches on clips: latents `(B, F', C, h, w)`, the chosen and rejected clips encoded apart."""
+    from npo_min.pairs import preference_batches
+
+    pipe = load_pipeline("cogvideox", tiny["2b"]["folder"])
+    x_w, x_l, cond = next(preference_batches(pipe, make_clip_pairs(tmp_path / "clips", 13), 2, torch.Generator().manual_seed(0),
+                                             resolution=(32, 16), num_frames=13, log=lambda s: None))
+    assert x_w.shape == x_l.shape == (2, 4, 4, 4, 2) and cond.shape == (2, L, T5PRESETS["tiny"].d_model)
+    assert torch.isfinite(x_w).all() and (x_w - x_l).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["reward-npo", "guided-reward-npo"])
+def test_reward_trainers_two_steps_on_video(tiny, tmp_path, monkeypatch, method):
+    """reward-npo / guided-reward-npo on the tiny CogVideoX (v-prediction DDIM, differentiable VAE decode, the reward
+    the mean over frames): 2 steps write a LoRA that loads. The reward is a stand-in (the mean brightness of each
+    frame, squashed to [0, 1]) since the image scorers are tested elsewhere; it must see every frame."""
+    from eval import rewards
+
+    seen = []
+
+    def brightness(images, prompts):
+        seen.append((tuple(images.shape), len(prompts)))
+        return torch.sigmoid(images.mean(dim=(1, 2, 3)))  # (B*F, 3, H, W) -> (B*F,)
+
+    monkeypatch.setattr(rewards, "load_reward", lambda name, weights=None, device="cpu": brightness)
+    folder, out = tiny["2b"]["folder"], tmp_path / "run"
+    (tmp_path / "p.txt").write_text("a panda\na car\n")
+    train.main(["--model", "cogvideox", "--weights", str(folder), "--method", method, "--prompts", str(tmp_path / "p.txt"),
+                "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-3", "--sample-steps", "3",
+                "--resolution", "32x48", "--num-frames", "9", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert seen and all(shape == (9, 3, 32, 48) and n == 9 for shape, n in seen)  # 1 clip x 9 frames
+    log = (out / "loss.csv").read_text().splitlines()
+    assert "reward" in log[0] and len(log) == 3
+    pipe = load_pipeline("cogvideox", folder)
+    delta = load_offset(out / "pytorch_lora_weights.safetensors", pipe.denoiser.state_dict(), pipe.read_weights)
+    assert any(v.abs().max() > 0 for v in delta.values())
+
+
+def test_exported_lora_loads_in_diffusers_cogvideox(tiny, tmp_path):
+    """python -m npo_min.export --model cogvideox writes PEFT names with the `transformer.` prefix; diffusers'
+    CogVideoXPipeline.load_lora_weights + fuse_lora on them gives our fused delta (exact rank: <= 1e-5), and our
+    reader reads the file back to the same delta."""
+    import copy
+
+    from npo_min import export
+    from npo_min.checkpoint import read_metadata
+    from npo_min.guidance import compose_negative
+
+    folder, ref = tiny["5b"]["folder"], tiny["5b"]["ref"]
+    pipe = load_pipeline("cogvideox", folder)
+    base = pipe.denoiser.state_dict()
+    g, delta = torch.Generator().manual_seed(4), {}
+    for layer in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_out.0", "transformer_blocks.1.ff.net.2"):
+        w = base[layer + ".weight"]
+        delta[layer + ".weight"] = 0.02 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)  # rank 2
+    save_delta({k: base[k] + delta.get(k, 0) for k in base}, base, tmp_path / "run" / "delta.safetensors", {"base": "tiny"})
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    export.main([str(tmp_path / "run"), "--model", "cogvideox", "--weights", str(folder), "--rank", "2", "--out", str(lora)])
+    from safetensors import safe_open
+
+    with safe_open(lora, "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    meta = json.loads(read_metadata(lora)["lora_adapter_metadata"])
+    assert meta["transformer.r"] == meta["transformer.lora_alpha"] == 2
+    back = load_offset(lora, base, pipe.read_weights)
+    assert sorted(back) == sorted(delta) and max(maxerr(back[k], delta[k]) for k in delta) <= 1e-6
+    video = diffusers.CogVideoXPipeline(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, vae=ref.vae,
+                                        transformer=copy.deepcopy(ref.transformer), scheduler=ref.scheduler)
+    video.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="npo")
+    video.fuse_lora(lora_scale=1.0)
+    state = video.transformer.state_dict()
+    fused = {k: v for k, v in state.items() if "lora" not in k and "base_layer" not in k}
+    fused |= {k.replace(".base_layer", ""): v for k, v in state.items() if ".base_layer." in k}
+    ours = compose_negative(base, delta=delta)
+    err = max(maxerr(fused[k], ours[k]) for k in ours)
+    print(f"diffusers CogVideoX load_lora_weights + fuse_lora vs our fused delta: max abs err {err:.3g}")
+    assert err <= 1e-5 and max(maxerr(fused[k], base[k]) for k in delta) > 1e-3

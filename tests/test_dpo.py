@@ -61,3 +61,40 @@ def test_step_shares_noise_and_timestep_and_gradient_prefers_the_chosen_image():
     a, s = schedule.coefs(t, x_t)
     eps_w, eps_l = ((x_t - a * torch.cat([x_w, x_l])) / s).chunk(2)
     assert torch.allclose(eps_w, eps_l, atol=1e-4)  # one noise per pair
+
+
+def test_v_prediction_errors_are_on_v():
+    """prediction_type "v_prediction": the errors are ||v - v_theta||^2 with v = alpha eps - sigma x0, i.e. the
+    eps errors / alpha_t^2 (alpha^2 + sigma^2 = 1); checked on a v model built from an eps model against the
+    transcription of the loss with those weighted errors."""
+    from npo_min.schedule import add_noise
+
+    schedule = NoiseSchedule.sd()
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    eps_model = lambda w: (lambda x, t, c: torch.einsum("ij,bj...->bi...", w, x) * 0.3 + c)  # noqa: E731
+
+    def as_v(f):  # v = (eps - sigma x_t) / alpha, the same predictor in v form
+        def v(x, t, c):
+            a, s = schedule.coefs(t, x)
+            return (f(x, t, c) - s * x) / a
+        return v
+
+    x_w, x_l = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    cond = torch.randn(4, 1, 1, 1, generator=g)
+    got, _ = dpo_step_loss(as_v(eps_model(w1)), as_v(eps_model(w2)), x_w, x_l, cond, schedule, 5.0, reverse=True,
+                           generator=torch.Generator().manual_seed(9), prediction_type="v_prediction")
+    gen = torch.Generator().manual_seed(9)  # the same draws as dpo_step_loss
+    t = torch.randint(0, schedule.num_train_timesteps, (4,), generator=gen)
+    eps = torch.randn(x_w.shape, generator=gen)
+    a, s = schedule.coefs(t, x_w)
+    total = 0.0
+    for i in range(4):
+        err = lambda f, x: float(((eps - f(add_noise(x, eps, a, s), t, cond))[i].double() ** 2).mean() / a[i].double() ** 2)  # noqa: E731
+        ew, el, rw, rl = err(eps_model(w1), x_w), err(eps_model(w1), x_l), err(eps_model(w2), x_w), err(eps_model(w2), x_l)
+        z = -5.0 / 2 * ((el - ew) - (rl - rw))  # reversed
+        total += -math.log(1.0 / (1.0 + math.exp(-z)))
+    assert abs(got.item() - total / 4) <= 1e-4 * max(1.0, total / 4), (got.item(), total / 4)
+    eps_loss, _ = dpo_step_loss(eps_model(w1), eps_model(w2), x_w, x_l, cond, schedule, 5.0, reverse=True,
+                                generator=torch.Generator().manual_seed(9))
+    assert abs(eps_loss.item() - got.item()) > 1e-4  # the weighting matters: v is not a relabelled eps

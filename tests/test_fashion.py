@@ -159,3 +159,19 @@ def test_results_smoke(tmp_path, monkeypatch):
     shift = {(r["method"], r["t"]): r["shift"] for r in json.loads((out / "results.json").read_text())["shift"]}
     assert len(shift) == 4 * 5 and all(shift["cfg", t] == 0 for t in (100, 300, 500, 700, 900))
     assert all(shift[m, t] > 0 for m in ("self-npo-k5", "random-norm", "autoguide-weak") for t in (100, 900))
+
+
+def test_map_reads_reports_and_names_missing_bases(tmp_path):
+    from eval.benchmark import map as bench_map
+
+    rows = lambda wins: [{"method": m, "guidance_scale": s, "win_vs_cfg": None if m == "cfg" else w, "n": 100}
+                         for s, w in zip((1.5, 3.0), wins) for m in ("cfg", "self-npo-k5", "random-norm")]
+    for folder, wins in (("fashion", (0.51, 0.35)), ("digits", (0.376, 0.31))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps({"rows": rows(wins)}))
+    bench_map.main(["--reports", str(tmp_path)])
+    md = (tmp_path / "map.md").read_text()
+    assert "| fashion, shipped (n=100) | 1.5 / 51.0% | 3 / 35.0% |" in md and "3 / 31.0%" in md
+    assert "Not measured: fashion, 10% base, fashion, 30% base" in md and (tmp_path / "map.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="run `python -m eval.results` first"):
+        bench_map.main(["--reports", str(tmp_path / "none")])

@@ -260,7 +260,7 @@ def test_load_offset_forms_and_errors(ckpt, bundle, tmp_path):
         lora_to_delta({"unet.conv_in.lora_A.weight": torch.zeros(1, 4, 3, 3)}, base)
     with pytest.raises(CheckpointError, match="does not fit"):
         lora_to_delta({"conv_in.lora_A.weight": torch.zeros(2, 5), "conv_in.lora_B.weight": torch.zeros(32, 2)}, base)
-    with pytest.raises(CheckpointError, match="only UNet LoRAs"):
+    with pytest.raises(CheckpointError, match="text-encoder LoRAs are not applied"):
         lora_to_delta({"text_encoder.text_model.x.lora_A.weight": torch.zeros(1)}, base)
     with pytest.raises(CheckpointError, match="not found"):
         load_offset(tmp_path / "nope.safetensors", base)

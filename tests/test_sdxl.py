@@ -27,7 +27,7 @@ from conftest import diffusers_unet_to_ldm, maxerr, randomize_, unet_kwargs, vae
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from npo_min.checkpoint import CheckpointError
-from npo_min.data import image_caption_pairs, load_image
+from npo_min.data import image_caption_pairs, load_image, load_image_random_crop
 from npo_min.offsets import load_offset, save_delta
 from npo_min.pipelines.sd15 import load as load_sd15
 from npo_min.pipelines.sdxl import load as load_sdxl
@@ -169,20 +169,90 @@ def test_self_npo_batches_time_ids_and_conditioning(ckpt, bundle, tmp_path):
     data = make_data(tmp_path / "data", n=4)  # sizes (96, 64), (64, 80), (70, 70), (128, 64)
     gen = torch.Generator().manual_seed(0)
     batches = bundle.self_npo_batches(str(data), 4, gen, resolution=64)
+    latents, cond = next(batches)
+    # replay: the permutation, then (top, left) per image in batch order, then eps
     replay = torch.Generator().manual_seed(0)
     idx = torch.randperm(4, generator=replay)
+    paths = [p for p, _ in image_caption_pairs(data)]
+    crops = [load_image_random_crop(paths[i], 64, replay) for i in idx.tolist()]
     eps = torch.randn((4, 4, 8, 8), generator=replay)
-    pixels = torch.stack([load_image(p, 64) for p, _ in image_caption_pairs(data)])[idx]
-    latents, cond = next(batches)
+    pixels = torch.stack([x for x, _ in crops])
     with torch.no_grad():
         mean, logvar = bundle.vae.encode(pixels)
         want = bundle.encode([f"a random picture number {i}" for i in idx.tolist()])
     assert maxerr(latents, TINY.vae.scaling_factor * (mean + torch.exp(0.5 * logvar) * eps)) <= TOL
     assert maxerr(cond["encoder_hidden_states"], want["encoder_hidden_states"]) <= TOL
     assert maxerr(cond["text_embeds"], want["text_embeds"]) <= TOL
-    # (64, 64, crop top, crop left, 64, 64): 96x64 -> left 16; 64x80 -> top 8; 70x70 -> resized to 64, no crop; 128x64 -> left 32
-    crops = {0: (0, 16), 1: (8, 0), 2: (0, 0), 3: (0, 32)}
-    assert cond["time_ids"].tolist() == [[64.0, 64.0, *map(float, crops[i]), 64.0, 64.0] for i in idx.tolist()]
+    # (64, 64, crop top, crop left, 64, 64), the crop within the resized image: 96x64 -> left in [0, 32];
+    # 64x80 -> top in [0, 16]; 70x70 -> resized to 64, (0, 0); 128x64 -> left in [0, 64]
+    bounds = {0: (0, 32), 1: (16, 0), 2: (0, 0), 3: (0, 64)}
+    assert cond["time_ids"].tolist() == [[64.0, 64.0, *map(float, c), 64.0, 64.0] for _, c in crops]
+    assert all(0 <= c[0] <= bounds[i][0] and 0 <= c[1] <= bounds[i][1] for i, (_, c) in zip(idx.tolist(), crops))
+    # the same seed gives the same batches (crops, latents)
+    again = bundle.self_npo_batches(str(data), 4, torch.Generator().manual_seed(0), resolution=64)
+    latents_2, cond_2 = next(again)
+    assert torch.equal(latents, latents_2) and torch.equal(cond["time_ids"], cond_2["time_ids"])
+
+
+def test_random_crop_offsets_are_the_crop_the_vae_encodes(ckpt, bundle, tmp_path):
+    """A crafted image whose pixel values are their own coordinates: the crop the VAE sees starts at the
+    (top, left) written into the time ids, and the offsets vary over draws, reproducibly with the seed."""
+    data = tmp_path / "ramps"
+    data.mkdir()
+    cols = np.tile(np.arange(192, dtype=np.uint8)[None, :, None], (64, 1, 3))  # (64, 192, 3): value = column
+    rows = np.tile(np.arange(160, dtype=np.uint8)[:, None, None], (1, 64, 3))  # (160, 64, 3): value = row
+    for name, arr in (("a_wide", cols), ("b_tall", rows)):
+        Image.fromarray(arr).save(data / f"{name}.png")  # short side 64 = resolution: no resize, crop only
+        (data / f"{name}.txt").write_text(name)
+    seen = []
+    encode = bundle.vae.encode
+
+    def spy(x):
+        seen.append(x.clone())
+        return encode(x)
+
+    def draws(seed, n):
+        seen.clear()
+        batches = bundle.self_npo_batches(str(data), 2, torch.Generator().manual_seed(seed), resolution=64)
+        ids = [next(batches)[1]["time_ids"] for _ in range(n)]
+        return ids, [x.clone() for x in seen]
+
+    bundle.vae.encode = spy
+    try:
+        ids, pixels = draws(3, 6)
+        ids_again, _ = draws(3, 6)
+    finally:
+        del bundle.vae.encode
+    offsets = set()
+    for t, x in zip(ids, pixels):  # t (2, 6); x (2, 3, 64, 64) in [-1, 1], value = coordinate / 127.5 - 1
+        v = ((x[:, 0] + 1) * 127.5).round().long()  # (2, 64, 64) the coordinates the VAE saw
+        for row, (top, left) in zip(v, t[:, 2:4].long().tolist()):
+            if row[0, 1] - row[0, 0] == 1:  # the wide ramp: cropped horizontally only, first column = left
+                assert top == 0 and row[0, 0] == left and row[0, 63] == left + 63
+                offsets.add(("left", left))
+            else:  # the tall ramp: first row = top
+                assert left == 0 and row[1, 0] - row[0, 0] == 1 and row[0, 0] == top and row[63, 0] == top + 63
+                offsets.add(("top", top))
+    assert len({o for o in offsets if o[0] == 'left'}) > 1 and len({o for o in offsets if o[0] == 'top'}) > 1  # random, not fixed
+    assert all(torch.equal(a, b) for a, b in zip(ids, ids_again))  # the same seed: the same crops
+
+
+def test_random_crop_batches_resume_exactly(ckpt, bundle, tmp_path):
+    """What train.py --resume restores (the generator's state and the batches' order state) gives the same
+    next batch: crops, latents and time ids."""
+    data = make_data(tmp_path / "data", n=4)
+    gen = torch.Generator().manual_seed(7)
+    batches = bundle.self_npo_batches(str(data), 3, gen, resolution=64)
+    for _ in range(2):  # into the second epoch (4 images, batches of 3)
+        next(batches)
+    state = (gen.get_state(), copy.deepcopy(batches.state_dict()))
+    latents, cond = next(batches)
+    gen_2 = torch.Generator().manual_seed(123)
+    resumed = bundle.self_npo_batches(str(data), 3, gen_2, resolution=64)
+    resumed.load_state_dict(state[1])
+    gen_2.set_state(state[0])
+    latents_2, cond_2 = next(resumed)
+    assert torch.equal(latents, latents_2) and all(torch.equal(cond[k], cond_2[k]) for k in cond)
 
 
 # ----------------------------------------------------------------------------- sample.py and train.py

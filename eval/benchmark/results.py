@@ -123,6 +123,16 @@ def plot_curves(rows: list[dict], path: Path, metric: str = "margin", what: str 
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def shift_report(model: str, unet, embed, negatives: dict) -> tuple[str, list[dict]]:
+    """The markdown section on how far each negative branch moves from plain CFG's, and its rows."""
+    train_x, train_y = DATA[model]("train")  # the shift is measured on training images, never the held-out split
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:100]
+    rows = prediction_shift(unet, embed, negatives, train_x[pick], train_y[pick])
+    return ("## How far each negative branch moves from plain CFG's\n\nshift = RMS(eps_neg - eps_base(c')) / "
+            "RMS(eps_base(c')) (guide = RMS(eps_pos - eps_neg)) on 100 noised train images per timestep:\n\n"
+            + format_shift(rows) + "\n"), rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="digits", choices=sorted(PER_MODEL), help="which small model")
@@ -138,6 +148,8 @@ def main(argv=None):
     p.add_argument("--num-per-class", type=int, default=None, help="samples per class and scale (default: digits 50, fashion 10)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM sampling steps (default: digits 25, fashion 10)")
     p.add_argument("--seed", type=int, default=1234, help="sampling noise seed")
+    p.add_argument("--shift-only", action="store_true",
+                   help="only measure how far each negative branch moves from plain CFG's (writes shift.md; no sampling)")
     p.add_argument("--retrain", action="store_true", help="retrain a variant whose delta in --out has another recipe")
     args = p.parse_args(argv)
     for key, value in PER_MODEL[args.model].items():
@@ -172,23 +184,23 @@ def main(argv=None):
     for path in filter(None, args.autoguide.split(",")):
         weak = load_pipeline(args.model, path if Path(path).is_absolute() else ROOT / path)
         negatives[f"autoguide-{Path(path).name}"] = Autoguide(weak.denoiser, weak.class_embedding)
+    if args.shift_only:
+        md = shift_report(args.model, unet, embed, negatives)[0]
+        atomic_write(out / "shift.md", lambda tmp: Path(tmp).write_text(md))
+        print((out / "shift.md").read_text() + f"wrote {out / 'shift.md'}")
+        return
     scales = [float(s) for s in args.guidance_scales.split(",")]
     start = time.time()
     rows, info = evaluate(unet, embed, negatives, scales, args.num_per_class, args.seed, args.sample_steps, model=args.model)
     info["eval_seconds"] = time.time() - start
-    train_x, train_y = DATA[args.model]("train")  # the shift is measured on training images, never the held-out split
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:100]
-    shift = prediction_shift(unet, embed, negatives, train_x[pick], train_y[pick])
+    shift_md, shift = shift_report(args.model, unet, embed, negatives)
 
     table = format_table(rows, info)
     cost_lines = ["| variant | K | steps | lr | train seconds | s/step | ||delta|| |", "|---|---|---|---|---|---|---|"]
     for name, c in cost.items():
         cost_lines.append(f"| {name} | {c['k']} | {c['steps']} | {c['lr']:g} | {c['train_seconds']:.0f} | "
                           f"{c['train_seconds'] / c['steps']:.2f} | {c['delta_norm']:.4f} |")
-    report = ("## Training cost\n\n" + "\n".join(cost_lines) + f"\n\n## Evaluation\n\n```\n{table}\n```\n"
-              "\n## How far each negative branch moves from plain CFG's\n\nshift = RMS(eps_neg - eps_base(c')) / "
-              "RMS(eps_base(c')) (guide = RMS(eps_pos - eps_neg)) on 100 noised train images per timestep:\n\n"
-              + format_shift(shift) + "\n")
+    report = "## Training cost\n\n" + "\n".join(cost_lines) + f"\n\n## Evaluation\n\n```\n{table}\n```\n\n" + shift_md
     print(report)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report))
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(

@@ -44,6 +44,8 @@ class Pipeline:
         name: a description of the loaded base (recorded in a delta's metadata).
         class_names: the prompts of a class-conditional model (sample.py's default), else None.
         latent_scale: pixels per latent pixel (8 for SD's VAE, 1 for pixel-space models).
+        lora_prefix: the denoiser's component in the diffusers pipeline, the prefix of PEFT LoRA names
+            (npo_min/export.py): "unet", or "transformer" (CogVideoX).
         prediction_type: the denoiser's output, "epsilon" (SD, digits) or "v_prediction" (CogVideoX); the
             schedule's to_x0 / to_eps turn it into x0 and eps for the solvers and Self-NPO.
         set_alpha_to_one: DDIM's final alpha past t = 0 (the family's scheduler config; CogVideoX: True).
@@ -57,6 +59,7 @@ class Pipeline:
     class_names: list[str] | None = None
     latent_scale: int = 1
     prediction_type: str = "epsilon"
+    lora_prefix: str = "unet"  # the denoiser's component name in diffusers' pipeline (LoRA export names)
     set_alpha_to_one: bool = False
     video: bool = False
 
@@ -186,7 +189,16 @@ MODELS = {
         "npo_min.pipelines.cogvideox", None,
         train=dict(steps=1000, batch_size=1, grad_accum=8, lr=1e-6, weight_decay=1e-3, resolution="480x720", num_frames=49),
         sample=dict(guidance_scale=6.0, steps=50, solver="ddim", spacing="trailing", height=480, width=720, num_frames=49,
-                    batch_size=1)),
+                    batch_size=1),
+        # Diffusion-NPO on video: every value here is ours (neither paper gives a video DPO recipe): the SD1.5 DPO
+        # recipe (LoRA rank 8 on to_q/to_k/to_v/to_out.0, beta 500, lr 5e-6, batch 64 = 1 clip x 64 accumulation,
+        # 2000 steps; the DPO errors are on v, the model's target: npo_min/dpo.py) at the model's training size.
+        # The authors' video reward code is DR-Video-NPO (= --method guided-reward-npo, REFERENCE.md): PickScore,
+        # gradient through the last step, DDIM 25 steps, scale 12 (theirs, on VideoCrafter2); its lr 1e-5 is not
+        # taken (one lr per row). The reward is the mean over the decoded frames (theirs: one random frame).
+        npo=dict(steps=2000, batch_size=1, grad_accum=64, lr=5e-6, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward="pickscore", reward_k=1, sample_steps=25, guidance_scale=12.0, resolution="480x720",
+                 num_frames=49)),
 }
 
 

@@ -97,6 +97,7 @@ class CogVideoXPipe(Pipeline):
     latent_scale = 8
     prediction_type = "v_prediction"
     set_alpha_to_one = True
+    lora_prefix = "transformer"  # diffusers' CogVideoXPipeline.transformer
     video = True
 
     def __init__(self, transformer: CogVideoXTransformer3DModel, vae: AutoencoderKLCogVideoX, text_encoder: T5EncoderModel,
@@ -175,6 +176,42 @@ class CogVideoXPipe(Pipeline):
         """A full fine-tuned transformer: a diffusers folder (its transformer/ or itself) or one .safetensors."""
         path = Path(path)
         return load_state_dict(path / "transformer" if (path / "transformer").is_dir() else path)
+
+    # ---- Diffusion-NPO data (preference pairs of clips, npo_min/pairs.py) and differentiable decoding
+
+    def load_pixels(self, path, resolution=None, num_frames=None):
+        """A clip (animated .gif / .webp or a frame folder) -> `(3, num_frames, H, W)` in [-1, 1] (npo_min.data.load_clip).
+
+        resolution: (height, width) or one int; default the config's sample size (480 x 720). num_frames: 4k + 1,
+        default the config's (49). Raises ValueError: frames not 4k + 1, a size not a multiple of 16, a short clip.
+        """
+        cfg = self.denoiser.cfg
+        if resolution is None:
+            resolution = (cfg.sample_height * self.latent_scale, cfg.sample_width * self.latent_scale)
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        num_frames = cfg.sample_frames if num_frames is None else num_frames
+        self.noise_shape(height, width, num_frames)  # refuses bad frames / sizes
+        return load_clip(path, num_frames, height, width)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels):
+        """Clips `(B, 3, F, H, W)` -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std),
+        `(B, F', 16, H/8, W/8)` each (the transformer's frame-major layout), one clip at a time."""
+        vae, sf = self.vae, self.vae.scaling_factor
+        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        means, stds = [], []
+        for clip in pixels:
+            mean, logvar = vae.encode(clip[None].to(device, dtype))  # (1, C, F', h, w)
+            means.append(rearrange(sf * mean.float(), "1 c f h w -> f c h w"))
+            stds.append(rearrange(sf * torch.exp(0.5 * logvar.float()), "1 c f h w -> f c h w"))
+        return torch.stack(means), torch.stack(stds)  # (B, F', C, h, w) each
+
+    def decode_with_grad(self, x0):
+        """Latents `(B, F, C, h, w)` -> clips `(B, 3, 4(F-1)+1, 8h, 8w)`, differentiable (reward-NPO), not clamped."""
+        vae = self.vae
+        dtype = next(vae.parameters()).dtype
+        clips = [vae.decode(rearrange(x, "f c h w -> 1 c f h w").to(dtype) / vae.scaling_factor) for x in x0]  # (1, 3, F', H, W)
+        return torch.cat(clips).float()
 
     # ---- Self-NPO data
 
