@@ -299,3 +299,31 @@ def test_killed_then_resumed_is_bitwise_equal(digits_base, tmp_path, monkeypatch
     rows = lambda p: [r.rsplit(",", 1)[0] for r in (p / "loss.csv").read_text().splitlines()]  # noqa: E731  (no seconds)
     assert rows(out) == rows(tmp_path / "ref") and len(rows(out)) == 6
     assert not (out / "resume.pt").exists()
+
+
+def test_ctrl_c_saves_the_step_and_says_how_to_resume(digits_base, tmp_path, monkeypatch):
+    """Ctrl-C (the flag _interrupt_after_step sets, raised here after step 2) saves resume.pt at that step, ends
+    with cli.Interrupted naming the --resume command, and --resume finishes to the uninterrupted LoRA."""
+    import contextlib
+
+    from safetensors.torch import load_file
+
+    from npo_min import cli, diffusion_npo
+
+    pairs = write_pairs(tmp_path / "p")
+    flags = lambda out, *more: ["--method", "dpo-npo", "--weights", str(digits_base), "--out", str(out), "--steps", "4",  # noqa: E731
+                                "--pairs", str(pairs), "--save-every", "100", "--lr", "1e-2", *DIGITS_FAST, *more]
+    train.main(flags(tmp_path / "ref"))
+    calls = []
+
+    @contextlib.contextmanager
+    def ctrl_c_after_step_2():
+        yield lambda: calls.append(1) or len(calls) == 2
+
+    monkeypatch.setattr(diffusion_npo, "_interrupt_after_step", ctrl_c_after_step_2)
+    with pytest.raises(cli.Interrupted, match=r"saved step 2 of 4 .*--resume"):
+        train.main(flags(tmp_path / "run"))  # --save-every 100 > --steps: only the Ctrl-C save
+    monkeypatch.undo()
+    train.main(flags(tmp_path / "run", "--resume"))
+    got, want = load_file(tmp_path / "run" / LORA_FILE), load_file(tmp_path / "ref" / LORA_FILE)
+    assert all(torch.equal(got[k], want[k]) for k in want)
