@@ -16,9 +16,10 @@ step (the solver's own arithmetic is the same for every row). Rows, all on the s
              factors on every Linear / Conv weight, dense offsets on every bias and norm parameter
 
 Time: the rows run interleaved in one process (A, B, C, D, A, ...) after a warm-up, so a busy machine slows
-all alike; the median over --repeats is reported. Peak memory (CPU): one subprocess per row, the kernel's
+all alike; the median over --repeats is reported, as wall-clock seconds and as the process's CPU seconds
+(time.process_time, all threads: on a shared machine the steadier measure of the work). Peak memory (CPU): one subprocess per row, the kernel's
 peak-RSS counter (VmHWM) reset after the base weights are loaded, then the row is built (the second UNet,
-the factors) and two steps run; "peak" = the whole process at its highest. On CUDA: torch.cuda.max_memory_allocated
+the factors) and one step runs; "peak" = the whole process at its highest. On CUDA: torch.cuda.max_memory_allocated
 over the same, in-process. A benchmark, not a test: it prints, it asserts nothing.
 """
 
@@ -118,7 +119,7 @@ def status(field: str) -> int:
 
 
 def worker(args, row: str, batch: int) -> None:
-    """Subprocess: load theta, reset the peak counter, build the row, two steps; print JSON."""
+    """Subprocess: load theta, reset the peak counter, build the row, one step; print JSON."""
     torch.set_num_threads(args.threads)
     model = load(args.config, args.weights, args.device, DTYPES[args.dtype])
     before = status("VmRSS")
@@ -126,8 +127,21 @@ def worker(args, row: str, batch: int) -> None:
     pos, neg = make_row(row, model)
     step = make_step(pos, neg, args.config, batch, args.size, args.device, DTYPES[args.dtype])
     step()
-    step()
     print(json.dumps({"rss_before": before, "peak": status("VmHWM")}))
+
+
+def report(results: dict, what: str) -> None:
+    gib = 2**30
+    print(f"\n{'batch':>5} {'row':10} {'s/step':>8} {'x cfg':>6} {'CPU s':>8} {'x cfg':>6} {'peak GiB':>9} {'x cfg':>6}   all times (s)   [{what}]")
+    for batch, res in results.items():
+        c = res["cfg"]
+        for row, r in res.items():
+            time_ = (f"{r['median_s']:8.3f} {r['median_s'] / c['median_s']:6.3f} {r['median_cpu_s']:8.3f} "
+                     f"{r['median_cpu_s'] / c['median_cpu_s']:6.3f}") if "median_s" in r else f"{'-':>8} {'-':>6} {'-':>8} {'-':>6}"
+            mem = f"{r['peak'] / gib:9.2f} {r['peak'] / c['peak']:6.3f}" if "peak" in r else f"{'-':>9} {'-':>6}"
+            print(f"{batch:5d} {row:10} {time_} {mem}   " + " ".join(f"{t:.2f}" for t in r.get("times_s", [])))
+        if "vs_two_model" in res["lora-r8"]:
+            print(f"      one-pass lora-r8 vs two-model output: relative max difference {res['lora-r8']['vs_two_model']:.2g}")
 
 
 def main(argv=None):
@@ -140,6 +154,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-time", action="store_true", help="skip the timing (memory only)")
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=2, metavar=("ROW", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -162,7 +177,7 @@ def main(argv=None):
               f"svd-r64: {len(svd.factors)} layers + {len(svd.dense)} dense 1-d tensors, {svd.numel():,} parameters")
         del model, lora, svd
 
-        for batch in args.batch:  # time: all rows in one process, interleaved
+        for batch in args.batch if not args.no_time else ():  # time: all rows in one process, interleaved
             base = load(args.config, args.weights, args.device, dtype)
             # one theta for all rows: the one-pass hooks act only inside their own denoiser's calls, and the
             # two-model row (no eta) leaves theta as it is and adds its copy
@@ -171,15 +186,18 @@ def main(argv=None):
             # the lora-r8 and two-model rows hold the same theta_neg: the same result
             results[batch]["lora-r8"]["vs_two_model"] = ((outs["lora-r8"] - outs["two-model"]).abs().max()
                                                          / outs["two-model"].abs().max()).item()
-            times = {row: [] for row in ROWS}
+            times, cpu = {row: [] for row in ROWS}, {row: [] for row in ROWS}
             for _ in range(args.repeats):
                 for row, step in rows.items():
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     step()
                     times[row].append(time.perf_counter() - start)
+                    cpu[row].append(time.process_time() - start_cpu)
+                    print(f"  batch {batch} {row}: {times[row][-1]:.2f} s, CPU {cpu[row][-1]:.2f} s", flush=True)
             for row in ROWS:
                 results[batch][row]["median_s"] = statistics.median(times[row])
                 results[batch][row]["times_s"] = times[row]
+                results[batch][row]["median_cpu_s"] = statistics.median(cpu[row])
             del rows, base, outs
 
         for batch in args.batch:  # memory: a subprocess per row
@@ -200,17 +218,9 @@ def main(argv=None):
                        "--weights", args.weights, "--worker", row, str(batch)]
                 run = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 results[batch][row].update(json.loads(run.stdout.strip().splitlines()[-1]))
+                print(f"  batch {batch} {row}: peak {results[batch][row]['peak'] / 2**30:.2f} GiB", flush=True)
 
-    gib = 2**30
-    what = "GPU allocated" if cuda else "RSS"
-    print(f"\n{'batch':>5} {'row':10} {'s/step':>8} {'x cfg':>6} {'peak GiB':>9} {'x cfg':>6}   all times (s)   [{what}]")
-    for batch, res in results.items():
-        c = res["cfg"]
-        for row, r in res.items():
-            mem = f"{r['peak'] / gib:9.2f} {r['peak'] / c['peak']:6.3f}" if "peak" in r else f"{'-':>9} {'-':>6}"
-            print(f"{batch:5d} {row:10} {r['median_s']:8.3f} {r['median_s'] / c['median_s']:6.3f} {mem}   "
-                  + " ".join(f"{t:.2f}" for t in r["times_s"]))
-        print(f"      one-pass lora-r8 vs two-model output: relative max difference {res['lora-r8']['vs_two_model']:.2g}")
+    report(results, "GPU allocated" if cuda else "RSS")
     return results
 
 

@@ -267,17 +267,18 @@ def memory_worker(args, kind: str, ckpt: bool, dtype: str) -> None:
 
 
 def section_memory(args, res):
-    rows = [(kind, ckpt, dtype) for dtype in ("fp32", "bf16") for ckpt in (False, True) for kind in ("ours", "diffusers")]
+    rows = [(kind, ckpt, dtype) for dtype in args.dtypes for ckpt in (False, True) for kind in ("ours", "diffusers")]
     out = {}
     for kind, ckpt, dtype in rows:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config, "--size", str(args.size),
                "--threads", str(args.threads), "--weights", args.weights, "--worker", kind, str(int(ckpt)), dtype]
         run = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[(kind, ckpt, dtype)] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"  {kind} checkpointing={ckpt} {dtype}: peak {out[(kind, ckpt, dtype)]['peak'] / GIB:.2f} GiB", flush=True)
     res["memory"] = {f"{k} ckpt={c} {d}": v for (k, c, d), v in out.items()}
     print(f"\ntraining memory, one fwd+bwd at {args.size}x{args.size}, batch 1 (peak RSS; extra = peak - weights loaded)")
     print(f"{'dtype':6} {'checkpointing':13} {'ours GiB':>9} {'extra':>7} {'diffusers GiB':>14} {'extra':>7} {'ours/diff extra':>16}")
-    for dtype in ("fp32", "bf16"):
+    for dtype in args.dtypes:
         for ckpt in (False, True):
             o, d = out[("ours", ckpt, dtype)], out[("diffusers", ckpt, dtype)]
             eo, ed = o["peak"] - o["rss_before"], d["peak"] - d["rss_before"]
@@ -295,6 +296,7 @@ def main(argv=None):
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 25], help="TDFT truncation K values")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"], help="memory: fp32 and / or bf16 autocast")
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
