@@ -112,7 +112,7 @@ CASES = [
     ("sd15 --data missing", "train", "--model sd15 --weights {base} --data {dir}/nope --out {dir}/q", 2, "is not a folder"),
     ("dpo-npo without --pairs", "train", T + " --method dpo-npo", 2, "--method dpo-npo needs --pairs"),
     ("--pairs with reward-npo", "train", T + " --method reward-npo --pairs {dir}/p.jsonl", 2, "--pairs is for --method dpo-npo"),
-    ("--resume with dpo-npo", "train", T + " --method dpo-npo --pairs {dir}/p.jsonl --resume", 2, "--resume is for --method self-npo"),
+    ("--resume of a dpo-npo run that never saved", "train", T + " --method dpo-npo --pairs {dir}/p.jsonl --resume", 2, "resume.pt (a run writes it every --save-every steps). Start without --resume"),
     # train.py: weights files
     ("weights missing", "train", T.replace("{base}", "{dir}/nope"), 2, "not found"),
     ("weights empty file", "train", T.replace("{base}", "{dir}/empty"), 2, "empty/model.safetensors is not a readable .safetensors"),
