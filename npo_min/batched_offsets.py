@@ -191,16 +191,28 @@ class BranchedDenoiser(nn.Module):
                 raise RuntimeError(f"layer {name} sees a batch of {x.shape[0]} rows for {neg.shape[0]} samples: "
                                    "the one-pass NPO path needs the batch on dim 0.")
             neg_rows = neg.repeat_interleave(x.shape[0] // neg.shape[0])  # (B,) -> (N,), sample-major
+            in_place = not (torch.is_grad_enabled() and output.requires_grad)
             for i in term_ids:
                 off, s_pos, s_neg = self.terms[i]
                 scale = torch.where(neg_rows, s_neg, s_pos).to(output.dtype)  # (N,)
-                rows = None if bool((scale != 0).all()) else scale.nonzero()[:, 0]
-                if rows is not None and rows.numel() == 0:
+                rows = scale.nonzero()[:, 0]  # sorted
+                if rows.numel() == 0:
                     continue
-                xi = x if rows is None else x.index_select(0, rows)
+                a, b = int(rows[0]), int(rows[-1]) + 1
+                if b - a == rows.numel():  # one contiguous block (CFG's [c', c] halves): views, no gather
+                    xi, part = x[a:b], scale[a:b]
+                    uniform = bool((part == part[0]).all())
+                    corr = _layer_offset(module, name, off, xi)  # (n, ...) or a bias alone (out, 1, ..)
+                    corr = corr * (float(part[0]) if uniform else part.reshape(-1, *[1] * (output.ndim - 1)))  # (n,) -> (n, 1, ...)
+                    if in_place:  # sampling (no autograd): add into the rows, no copy of the whole output
+                        output[a:b] += corr
+                    else:
+                        output = torch.cat([output[:a], output[a:b] + corr, output[b:]])
+                    continue
+                xi = x.index_select(0, rows)
                 corr = _layer_offset(module, name, off, xi).expand(xi.shape[0], *output.shape[1:])  # a bias alone: (out, 1, ..)
-                corr = corr * (scale if rows is None else scale[rows]).reshape(-1, *[1] * (corr.ndim - 1))  # (n,) -> (n, 1, ...)
-                output = output + corr if rows is None else output.index_add(0, rows, corr)
+                corr = corr * scale[rows].reshape(-1, *[1] * (corr.ndim - 1))  # (n,) -> (n, 1, ...)
+                output = output.index_add(0, rows, corr)
             return output
         return hook
 
