@@ -111,3 +111,16 @@ def diffusers_unet_to_ldm(sd: dict, cfg: UNetConfig) -> dict:
                 break
         out[key] = value
     return out
+
+
+def write_random_digits_base(folder: Path) -> Path:
+    """A random digits model (torch seed 0) in the shipped layout (keys unet.*, class_embedding.*) as
+    folder/model.safetensors; returns folder. Used by the CLI tests that need a base but not a trained one."""
+    from npo_min.checkpoint import save_safetensors
+    from npo_min.digits import build_digits_model
+
+    torch.manual_seed(0)
+    unet, embed = build_digits_model()
+    sd = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"class_embedding.{k}": v for k, v in embed.state_dict().items()}
+    save_safetensors(sd, folder / "model.safetensors")
+    return folder

@@ -9,6 +9,7 @@ import torch
 
 import sample
 import train
+from conftest import write_random_digits_base
 from eval.benchmark import evaluate
 from npo_min.checkpoint import CheckpointError, read_metadata, save_safetensors
 from npo_min.offsets import save_delta
@@ -20,12 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A random digits model in the shipped layout (keys unet.*, class_embedding.*)."""
-    torch.manual_seed(0)
-    unet, embed = build_digits_model()
-    folder = tmp_path_factory.mktemp("base")
-    sd = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"class_embedding.{k}": v for k, v in embed.state_dict().items()}
-    save_safetensors(sd, folder / "model.safetensors")
-    return folder
+    return write_random_digits_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import train
+from conftest import write_random_digits_base
 from eval import rewards
 from eval.t2i import scorers
-from npo_min.checkpoint import read_metadata, save_safetensors
-from npo_min.digits import build_digits_model
+from npo_min.checkpoint import read_metadata
 from npo_min.lora import LORA_FILE
 from npo_min.offsets import load_offset
 from npo_min.pairs import read_pairs
@@ -27,12 +27,7 @@ DIGITS_FAST = ["--no-progress", "--batch-size", "4", "--lora-rank", "2"]
 
 @pytest.fixture(scope="module")
 def digits_base(tmp_path_factory):
-    torch.manual_seed(0)
-    unet, embed = build_digits_model()
-    folder = tmp_path_factory.mktemp("base")
-    sd = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"class_embedding.{k}": v for k, v in embed.state_dict().items()}
-    save_safetensors(sd, folder / "model.safetensors")
-    return folder
+    return write_random_digits_base(tmp_path_factory.mktemp("base"))
 
 
 def write_pairs(folder, n=6, size=(8, 8), mode="L", prompts=None, seed=0):

@@ -10,9 +10,8 @@ from safetensors.torch import save_file
 
 import diffusers
 import train
-from conftest import maxerr, randomize_, unet_kwargs
-from npo_min.checkpoint import CheckpointError, load_into, read_metadata, save_safetensors
-from npo_min.digits import build_digits_model
+from conftest import maxerr, randomize_, unet_kwargs, write_random_digits_base
+from npo_min.checkpoint import CheckpointError, load_into, read_metadata
 from npo_min.guidance import compose_negative
 from npo_min.lora import (DEFAULT_TARGETS, LORA_FILE, add_lora, base_state_dict, lora_disabled, lora_state_dict,
                           merged_offset, save_lora)
@@ -156,12 +155,7 @@ def test_peft_save_pretrained_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_base(tmp_path_factory):
-    torch.manual_seed(0)
-    unet, embed = build_digits_model()
-    folder = tmp_path_factory.mktemp("base")
-    sd = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"class_embedding.{k}": v for k, v in embed.state_dict().items()}
-    save_safetensors(sd, folder / "model.safetensors")
-    return folder
+    return write_random_digits_base(tmp_path_factory.mktemp("base"))
 
 
 def test_train_self_npo_lora_writes_a_small_lora_that_loads_back(digits_base, tmp_path):

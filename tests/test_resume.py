@@ -13,9 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import write_random_digits_base
 from npo_min import cli
-from npo_min.checkpoint import save_safetensors
-from npo_min.digits import build_digits_model
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -23,12 +22,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    torch.manual_seed(0)
-    unet, embed = build_digits_model()
-    folder = tmp_path_factory.mktemp("base")
-    sd = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"class_embedding.{k}": v for k, v in embed.state_dict().items()}
-    save_safetensors(sd, folder / "model.safetensors")
-    return folder
+    return write_random_digits_base(tmp_path_factory.mktemp("base"))
 
 
 def flags(base, out, *extra):

@@ -71,7 +71,38 @@ def config_from_folder(folder: str | os.PathLike) -> SD15Config:
                       CLIPTextConfig.from_hf(text) if text else sd15.text)
 
 
-class SD15Pipeline(Pipeline):
+class LatentImagePipeline(Pipeline):
+    """What the SD1.5 and SDXL pipelines share: the AutoencoderKL between pixels `(B, 3, H, W)` in [-1, 1] and
+    scaled latents `(B, 4, H/8, W/8)` (decode for sampling; load / encode / differentiable decode for the
+    Diffusion-NPO trainers, npo_min/pairs.py and npo_min/diffusion_npo.py)."""
+
+    vae: AutoencoderKL
+
+    @torch.no_grad()
+    def decode(self, x0):
+        return self.decode_with_grad(x0).clamp(-1, 1)
+
+    def load_pixels(self, path, resolution):
+        """One image `(3, resolution, resolution)` in [-1, 1] (short side resized, centre crop).
+
+        Raises ValueError: a resolution the VAE cannot encode (not a multiple of its downscale)."""
+        if resolution % self.vae.downscale:
+            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
+        return load_image(path, resolution)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels):
+        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
+        vae, sf = self.vae, self.vae.cfg.scaling_factor
+        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
+        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
+
+    def decode_with_grad(self, x0):
+        """Latents `(B, 4, h, w)` -> pixels `(B, 3, 8h, 8w)`, float32, not clamped, differentiable (reward trainers)."""
+        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
+
+
+class SD15Pipeline(LatentImagePipeline):
     """UNet (trainable), VAE and CLIP text encoder (frozen), tokenizer. Prompts are text; c' = CLIP("")."""
 
     latent_scale = 8
@@ -91,29 +122,10 @@ class SD15Pipeline(Pipeline):
     def null_cond(self, n):
         return self.encode([""]).expand(n, -1, -1)
 
-    @torch.no_grad()
-    def decode(self, x0):
-        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float().clamp(-1, 1)
-
     def read_weights(self, path):
         if checkpoint_family(path) == "sdxl":
             raise CheckpointError(f"{path} is an SDXL checkpoint, not an SD1.5 one: use it with --model sdxl.")
         return read_unet_weights(path, self.config.unet)
-
-    def load_pixels(self, path, resolution=512):
-        if resolution % self.vae.downscale:
-            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
-        return load_image(path, resolution)
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels):
-        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
-        vae, sf = self.vae, self.vae.cfg.scaling_factor
-        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
-        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
-
-    def decode_with_grad(self, x0):
-        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
 
     def self_npo_batches(self, data, batch_size, generator, resolution=512):
         """Every image of `data` encoded once with the frozen VAE, its caption once with CLIP; each batch then

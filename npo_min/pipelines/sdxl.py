@@ -21,15 +21,15 @@ from PIL import Image
 from ..checkpoint import CheckpointError
 from ..clip import CLIPTextModel
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
-from ..data import MappedBatches, image_caption_pairs, load_image, load_image_random_crop, shuffled_batches
+from ..data import MappedBatches, image_caption_pairs, load_image_random_crop, shuffled_batches
 from ..schedule import NoiseSchedule
 from ..sdxl import SDXLConfig, checkpoint_family, config_from_folder, encode_prompt, get_config, load_parts, time_ids
 from ..unet import UNet2DConditionModel, read_unet_weights
-from ..vae import AutoencoderKL, decode_latents
-from . import Pipeline
+from ..vae import AutoencoderKL
+from .sd15 import LatentImagePipeline
 
 
-class SDXLPipeline(Pipeline):
+class SDXLPipeline(LatentImagePipeline):
     """UNet (trainable), VAE and both text encoders (frozen), both tokenizers.
 
     `image_size` (height, width) is what encode() writes into the time ids as original and target size
@@ -70,10 +70,6 @@ class SDXLPipeline(Pipeline):
         return {"encoder_hidden_states": torch.zeros(n, self.tokenizer.max_length, width, device=p.device, dtype=p.dtype),
                 "text_embeds": torch.zeros(n, self.text_encoder_2.cfg.projection_dim, device=p.device, dtype=p.dtype)}
 
-    @torch.no_grad()
-    def decode(self, x0):
-        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float().clamp(-1, 1)
-
     def to(self, device, dtype=None):
         """As Pipeline.to, except that float16 leaves the VAE in float32: the stock SDXL VAE overflows in float16
         (diffusers' `force_upcast`); bfloat16 keeps float32's range and is used as is."""
@@ -81,21 +77,6 @@ class SDXLPipeline(Pipeline):
         if dtype == torch.float16:
             self.vae.to(torch.float32)
         return self
-
-    def load_pixels(self, path, resolution=1024):
-        if resolution % self.vae.downscale:
-            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
-        return load_image(path, resolution)
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels):
-        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
-        vae, sf = self.vae, self.vae.cfg.scaling_factor
-        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
-        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
-
-    def decode_with_grad(self, x0):
-        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
 
     def read_weights(self, path):
         if checkpoint_family(path) == "sd15":
