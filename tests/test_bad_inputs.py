@@ -265,6 +265,13 @@ def test_results_refuses_a_delta_with_another_recipe(files, tmp_path):
     with pytest.raises(ValueError, match="lr: recorded '0.0001', requested '0.001'"):
         train_variant(out, "v", "--lr 1e-3", base, common)
     assert delta.read_bytes() == before
+    # a committed report keeps loss.csv / args.json but not the delta (.gitignore): the delta is trained again
+    from safetensors.torch import load_file
+    tensors = load_file(delta)
+    delta.unlink()
+    assert train_variant(out, "v", "", base, common) == delta  # (metadata differs: command, seconds)
+    again = load_file(delta)
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
 def test_model_folders_under_weights_need_overwrite(tmp_path, monkeypatch):

@@ -78,8 +78,14 @@ def train_variant(out: Path, name: str, extra: str, weights: str, common: str, r
             raise ValueError(f"{delta} was trained with another recipe ({'; '.join(changes[:3])}): pass --retrain to "
                              "train it again, or choose another --out.")
         argv.append("--overwrite")
+    elif (out / name / "loss.csv").exists():  # a committed report: its logs are kept, its deltas are not (.gitignore)
+        print(f"[{name}] {delta} is not there (report deltas are not committed): training it again over {out / name}")
+        argv.append("--overwrite")
     print(f"[{name}] python train.py {shlex.join(argv)}")
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True)
+    code = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv]).returncode
+    if code:
+        print(f"error: train.py for [{name}] stopped with exit code {code} (its message is above).", file=sys.stderr)
+        raise SystemExit(code)
     return delta
 
 
