@@ -8,8 +8,19 @@ import math
 
 import pytest
 
+import torch
+
 import bench_guidance
 import bench_self_npo
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The scripts set torch's thread count (--threads, default 2); later tests in this process must not inherit it
+    (tests/test_resume.py compares an in-process run with single-threaded subprocesses bit for bit)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_bench_guidance_tiny(capsys):
