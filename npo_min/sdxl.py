@@ -115,35 +115,6 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], tar
 # ----------------------------------------------------------------------------- checkpoint layouts
 
 
-def checkpoint_family(path: str | os.PathLike) -> str | None:
-    """Which Stable Diffusion family a single file or diffusers folder holds: "sdxl", "sd15", "sd2" or None.
-
-    Single file, by its tensor names: `conditioner.embedders.` or `model.diffusion_model.label_emb.` -> sdxl;
-    `cond_stage_model.transformer.` -> sd15 (CLIP-L); `cond_stage_model.model.` -> sd2 (OpenCLIP-H).
-    Folder: text_encoder_2/ or a unet/config.json with addition_embed_type "text_time" -> sdxl; a unet/ with
-    text_encoder/ only -> sd15 (SD2 folders are told apart by the UNet's config check). None: unknown.
-    """
-    path = Path(path)
-    if path.is_dir():
-        unet = _read_json(path / "unet" / "config.json") or {}
-        if (path / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time":
-            return "sdxl"
-        return "sd15" if (path / "unet").is_dir() and (path / "text_encoder").is_dir() else None
-    if not path.is_file():
-        return None
-    try:
-        keys = checkpoint_keys(path)
-    except (CheckpointError, OSError, RuntimeError):
-        return None
-    if any(k.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.")) for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd15"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    return None
-
-
 def text_2_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """bigG in OpenCLIP names (`conditioner.embedders.1.model.` removed) -> CLIPTextModelWithProjection names.
 

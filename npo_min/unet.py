@@ -589,3 +589,32 @@ def load_unet(path: str | os.PathLike, preset: str | UNetConfig = "sd15", dtype:
             raise CheckpointError(f"{path / 'config.json'} does not match the UNet preset:\n    " + "\n    ".join(diff))
     what = f"UNet2DConditionModel ({preset if isinstance(preset, str) else 'custom config'}) from {path}"
     return build_loaded(UNet2DConditionModel, cfg, read_unet_weights(path, cfg), dtype, what)
+
+
+def checkpoint_family(path: str | os.PathLike) -> str | None:
+    """Which Stable Diffusion family a single file or diffusers folder holds: "sdxl", "sd15", "sd2" or None.
+
+    Single file, by its tensor names: `conditioner.embedders.` or `model.diffusion_model.label_emb.` -> sdxl;
+    `cond_stage_model.transformer.` -> sd15 (CLIP-L); `cond_stage_model.model.` -> sd2 (OpenCLIP-H).
+    Folder: text_encoder_2/ or a unet/config.json with addition_embed_type "text_time" -> sdxl; a unet/ with
+    text_encoder/ only -> sd15 (SD2 folders are told apart by the UNet's config check). None: unknown.
+    """
+    path = Path(path)
+    if path.is_dir():
+        unet = _read_json(path / "unet" / "config.json") or {}
+        if (path / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time":
+            return "sdxl"
+        return "sd15" if (path / "unet").is_dir() and (path / "text_encoder").is_dir() else None
+    if not path.is_file():
+        return None
+    try:
+        keys = checkpoint_keys(path)
+    except (CheckpointError, OSError, RuntimeError):
+        return None
+    if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd15"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    return None

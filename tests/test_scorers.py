@@ -38,14 +38,8 @@ from PIL import Image
 
 import transformers
 from npo_min.checkpoint import CheckpointError, load_into
-from npo_min.clip import (
-    CLIP_PRESETS,
-    CLIPConfig,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-)
+from npo_min.clip import CLIPTextConfig
+from npo_min.clip_vision import CLIP_PRESETS, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 from eval.t2i.clip_checkpoints import load_clip, load_clip_vision, open_clip_to_hf
 from npo_min.clip_tokenizer import load_tokenizer
 from eval.t2i import scorers

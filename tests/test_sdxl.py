@@ -32,8 +32,8 @@ from npo_min.offsets import load_offset, save_delta
 from npo_min.pipelines.sd15 import load as load_sd15
 from npo_min.pipelines.sdxl import load as load_sdxl
 from npo_min.clip import CLIPTextModel
-from npo_min.unet import UNet2DConditionModel
-from npo_min.sdxl import PRESETS, checkpoint_family, read_single_file, text_2_from_open_clip, time_ids
+from npo_min.unet import UNet2DConditionModel, checkpoint_family
+from npo_min.sdxl import PRESETS, read_single_file, text_2_from_open_clip, time_ids
 from test_scorers import hf_to_open_clip_by_hand
 from test_sd15 import make_data
 from test_vae import random_ldm_vae

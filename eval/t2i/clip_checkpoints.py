@@ -15,18 +15,8 @@ from pathlib import Path
 import torch
 
 from npo_min.checkpoint import CheckpointError, build_loaded, load_state_dict
-from npo_min.clip import (  # open_clip_to_hf lives with the models (SDXL's text_encoder_2 needs it too)
-    HF_TEXT_NAMES,
-    HF_VISION_NAMES,
-    CLIPConfig,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    VISION_PRESETS,
-    get_clip_config,
-    open_clip_to_hf,
-)
+from npo_min.clip import HF_TEXT_NAMES, CLIPTextConfig, open_clip_to_hf  # open_clip_to_hf: SDXL's bigG needs it too
+from npo_min.clip_vision import HF_VISION_NAMES, VISION_PRESETS, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, get_clip_config
 
 def to_clip_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A CLIPModel state dict in either layout -> the transformers layout of CLIPModel.

@@ -40,7 +40,7 @@ from torch import nn
 
 from npo_min.checkpoint import CheckpointError, load_into, load_state_dict
 from eval.t2i.clip_checkpoints import load_clip, load_clip_vision
-from npo_min.clip import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from npo_min.clip_vision import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 from npo_min.clip_tokenizer import CLIPTokenizer, load_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

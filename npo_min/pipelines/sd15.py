@@ -24,10 +24,9 @@ from ..clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
 from ..data import MappedBatches, image_caption_pairs, load_image, shuffled_batches
 from ..schedule import NoiseSchedule
-from ..sdxl import checkpoint_family
-from ..unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, load_unet, read_unet_weights, unet_config_from_diffusers
-from ..vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, decode_latents, ldm_vae_to_diffusers, load_vae
-from . import Pipeline
+from ..unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, checkpoint_family, load_unet, read_unet_weights, unet_config_from_diffusers
+from ..vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, ldm_vae_to_diffusers, load_vae
+from .latent import LatentImagePipeline
 
 VAE_PREFIX, CLIP_PREFIX = "first_stage_model.", "cond_stage_model.transformer."
 
@@ -69,37 +68,6 @@ def config_from_folder(folder: str | os.PathLike) -> SD15Config:
         vae_cfg = VAEConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vae.items() if k in fields and v is not None})
     return SD15Config(unet_config_from_diffusers(unet) if unet else sd15.unet, vae_cfg,
                       CLIPTextConfig.from_hf(text) if text else sd15.text)
-
-
-class LatentImagePipeline(Pipeline):
-    """What the SD1.5 and SDXL pipelines share: the AutoencoderKL between pixels `(B, 3, H, W)` in [-1, 1] and
-    scaled latents `(B, 4, H/8, W/8)` (decode for sampling; load / encode / differentiable decode for the
-    Diffusion-NPO trainers, npo_min/pairs.py and npo_min/diffusion_npo.py)."""
-
-    vae: AutoencoderKL
-
-    @torch.no_grad()
-    def decode(self, x0):
-        return self.decode_with_grad(x0).clamp(-1, 1)
-
-    def load_pixels(self, path, resolution):
-        """One image `(3, resolution, resolution)` in [-1, 1] (short side resized, centre crop).
-
-        Raises ValueError: a resolution the VAE cannot encode (not a multiple of its downscale)."""
-        if resolution % self.vae.downscale:
-            raise ValueError(f"--resolution must be a multiple of {self.vae.downscale}; got {resolution}.")
-        return load_image(path, resolution)
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels):
-        """Pixels -> the scaled VAE posterior (scaling_factor * mean, scaling_factor * std), `(B, 4, H/8, W/8)` each."""
-        vae, sf = self.vae, self.vae.cfg.scaling_factor
-        mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype))
-        return (sf * mean).float(), (sf * torch.exp(0.5 * logvar)).float()
-
-    def decode_with_grad(self, x0):
-        """Latents `(B, 4, h, w)` -> pixels `(B, 3, 8h, 8w)`, float32, not clamped, differentiable (reward trainers)."""
-        return decode_latents(self.vae, x0.to(next(self.vae.parameters()).dtype)).float()
 
 
 class SD15Pipeline(LatentImagePipeline):

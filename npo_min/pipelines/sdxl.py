@@ -23,10 +23,9 @@ from ..clip import CLIPTextModel
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
 from ..data import MappedBatches, image_caption_pairs, load_image_random_crop, shuffled_batches
 from ..schedule import NoiseSchedule
-from ..sdxl import SDXLConfig, checkpoint_family, config_from_folder, encode_prompt, get_config, load_parts, time_ids
-from ..unet import UNet2DConditionModel, read_unet_weights
-from ..vae import AutoencoderKL
-from .sd15 import LatentImagePipeline
+from ..sdxl import SDXLConfig, config_from_folder, encode_prompt, get_config, load_parts, time_ids
+from ..unet import UNet2DConditionModel, checkpoint_family, read_unet_weights
+from .latent import LatentImagePipeline
 
 
 class SDXLPipeline(LatentImagePipeline):
@@ -39,7 +38,7 @@ class SDXLPipeline(LatentImagePipeline):
 
     latent_scale = 8
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel,
+    def __init__(self, unet: UNet2DConditionModel, vae, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel,
                  tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer, config: SDXLConfig, name: str):
         self.denoiser, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
