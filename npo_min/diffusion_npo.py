@@ -33,7 +33,7 @@ from .guidance import Cond, guided_denoiser
 from .lora import lora_disabled, lora_layers
 from .schedule import NoiseSchedule
 from .solvers import make_timesteps
-from .training import NonFiniteError, _interrupt_after_step, _to_cpu
+from .training import NonFiniteError, _interrupt_after_step, _to_cpu, restore_rng, rng_state
 
 
 def frozen_reference(model: torch.nn.Module) -> Callable:
@@ -116,9 +116,7 @@ def optimize(model: torch.nn.Module, micro_step: Callable[[], tuple[torch.Tensor
 def resume_state(step: int, log: list[dict], named: dict, opt, batches, generator) -> dict:
     """Everything a Diffusion-NPO run needs to continue bit for bit after `step` (CPU tensors; torch.save-able)."""
     return {"step": step, "log": list(log), "params": {n: p.detach().to("cpu", copy=True) for n, p in named.items()},
-            "optimizer": _to_cpu(opt.state_dict()), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "generator": generator.get_state() if generator is not None else None,
+            "optimizer": _to_cpu(opt.state_dict()), **rng_state(generator),
             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}
 
 
@@ -141,11 +139,7 @@ def restore_resume_state(state: dict, named: dict, opt, batches, generator) -> i
         for n, p in named.items():
             p.copy_(saved[n])
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if generator is not None and state.get("generator") is not None:
-        generator.set_state(state["generator"])
+    restore_rng(state, generator)
     return int(state["step"])
 
 

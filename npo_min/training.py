@@ -141,9 +141,7 @@ def training_state(step, log, student, target, opt, batches, generator) -> dict:
     """Everything a Self-NPO run needs to continue bit for bit after `step` (CPU tensors; torch.save-able)."""
     cpu = lambda sd: {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # noqa: E731
     return {"step": step, "log": list(log), "student": cpu(student.state_dict()), "target": cpu(target.state_dict()),
-            "optimizer": _to_cpu(opt.state_dict()), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "generator": generator.get_state() if generator is not None else None,
+            "optimizer": _to_cpu(opt.state_dict()), **rng_state(generator),
             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}
 
 
@@ -158,12 +156,24 @@ def restore_training_state(state: dict, student, target, opt, batches, generator
     target.load_state_dict(state["target"])
     opt.load_state_dict(state["optimizer"])
     batches.load_state_dict(state["batches"])
+    restore_rng(state, generator)
+    return int(state["step"])
+
+
+def rng_state(generator: torch.Generator | None) -> dict:
+    """The random states a resumed run needs (torch's global CPU / CUDA RNG and the data generator)."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state() if generator is not None else None}
+
+
+def restore_rng(state: dict, generator: torch.Generator | None) -> None:
+    """Put back what rng_state saved."""
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     if generator is not None and state.get("generator") is not None:
         generator.set_state(state["generator"])
-    return int(state["step"])
 
 
 def _to_cpu(obj):
