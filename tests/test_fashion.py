@@ -150,28 +150,46 @@ def test_results_smoke(tmp_path, monkeypatch):
     out = tmp_path / "r"
     results.main(["--model", "fashion", "--weights", str(tmp_path / "base"), "--out", str(out), "--no-full",
                   "--autoguide", str(tmp_path / "weak"), "--common", "--no-progress --steps 1 --batch-size 4",
-                  "--guidance-scales", "2", "--num-per-class", "1"])
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["cfg", "self-npo-k5", "random-norm", "autoguide-weak"]
+                  "--guidance-scales", "2,3", "--num-per-class", "1", "--train-seeds", "2", "--pairs-per-class", "2",
+                  "--n-boot", "5"])
+    report = json.loads((out / "results.json").read_text())
+    rows = report["rows"]
+    assert [r["method"] for r in rows if r["guidance_scale"] == 2] == [
+        "cfg", "self-npo-k5", "random-norm", "self-npo-k5-seed1", "random-norm-seed1", "dpo-npo", "dpo-npo-seed1",
+        "autoguide-weak"]
     for r in rows:
         assert r["n"] == 10 and np.isfinite(r["fd"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert report["metadata"]["self-npo-k5-seed1"]["seed"] == "1" and report["metadata"]["dpo-npo"]["method"] == "dpo-npo"
+    assert len((out / "pairs" / "pairs.jsonl").read_text().splitlines()) == 20  # 2 pairs x 10 classes
+    gaps = {(g["family"], g["baseline"], g["guidance_scale"]): g for g in report["gaps"]}
+    assert set(gaps) == {(f, b, s) for f in ("self-npo-k5", "random-norm", "dpo-npo") for b in ("cfg", "autoguide-weak")
+                         for s in (2.0, 3.0)}
+    assert all(g["seeds"] == 2 for g in gaps.values())
+    assert "## Gap to each baseline's curve at equal FD" in (out / "results.md").read_text()
     assert (out / "curves.png").exists() and (out / "curves_accuracy.png").exists()
-    shift = {(r["method"], r["t"]): r["shift"] for r in json.loads((out / "results.json").read_text())["shift"]}
-    assert len(shift) == 4 * 5 and all(shift["cfg", t] == 0 for t in (100, 300, 500, 700, 900))
-    assert all(shift[m, t] > 0 for m in ("self-npo-k5", "random-norm", "autoguide-weak") for t in (100, 900))
+    shift = {(r["method"], r["t"]): r["shift"] for r in report["shift"]}
+    assert len(shift) == 8 * 5 and all(shift["cfg", t] == 0 for t in (100, 300, 500, 700, 900))
+    assert all(shift[m, t] > 0 for m in ("self-npo-k5", "random-norm", "autoguide-weak", "dpo-npo") for t in (100, 900))
 
 
 def test_map_reads_reports_and_names_missing_bases(tmp_path):
     from eval.benchmark import map as bench_map
 
-    rows = lambda wins: [{"method": m, "guidance_scale": s, "win_vs_cfg": None if m == "cfg" else w, "n": 100}
+    rows = lambda wins: [{"method": m, "guidance_scale": s, "win_vs_cfg": None if m == "cfg" else w, "n": 100,
+                          "fd": 10.0 * s, "margin": s + (m != "cfg") * (0.5 if s == 3.0 else 0.0)}
                          for s, w in zip((1.5, 3.0), wins) for m in ("cfg", "self-npo-k5", "random-norm")]
+    gaps = [{"family": "self-npo-k5", "baseline": "cfg", "guidance_scale": s, "gap": g, "se": 0.1}
+            for s, g in ((1.5, -0.2), (3.0, 0.3))]
     for folder, wins in (("fashion", (0.51, 0.35)), ("digits", (0.376, 0.31))):
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "results.json").write_text(json.dumps({"rows": rows(wins)}))
+        report = {"rows": rows(wins)} | ({"gaps": gaps} if folder == "fashion" else {})
+        (tmp_path / folder / "results.json").write_text(json.dumps(report))
     bench_map.main(["--reports", str(tmp_path)])
     md = (tmp_path / "map.md").read_text()
-    assert "| fashion, shipped (n=100) | 1.5 / 51.0% | 3 / 35.0% |" in md and "3 / 31.0%" in md
-    assert "Not measured: fashion, 10% base, fashion, 30% base" in md and (tmp_path / "map.png").stat().st_size > 0
+    # fashion: the report's gaps with their SE; digits (no "gaps"): the point gap from the rows (same FD, +0.5 at 3)
+    assert "| fashion, shipped (n=100) | 1.5 / 51.0% / -0.20 ± 0.10 | 3 / 35.0% / +0.30 ± 0.10 |" in md
+    assert "| digits, shipped (n=100) | 1.5 / 37.6% / +0.00 | 3 / 31.0% / +0.50 |" in md
+    assert "Not measured: fashion, 10% base, fashion, 30% base" in md
+    assert (tmp_path / "map.png").stat().st_size > 0 and (tmp_path / "map_gap.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="run `python -m eval.results` first"):
         bench_map.main(["--reports", str(tmp_path / "none")])

@@ -44,15 +44,20 @@ from npo_min.offsets import load_offset
 from npo_min.pipelines import ROOT, load_pipeline
 
 
-def build_pairs(out: Path, unet, embed, per_class: int, scale: float, tie_tol: float, seed: int = 777) -> dict:
-    """Write out/img/*.png and out/pairs.jsonl from the model's own samples; returns counts."""
-    clf = load_classifier(CLASSIFIER_WEIGHTS)
+def build_pairs(out: Path, unet, embed, per_class: int, scale: float, tie_tol: float, seed: int = 777,
+                classifier_path: Path = CLASSIFIER_WEIGHTS, steps: int = 25, class_names=None) -> dict:
+    """Write out/img/*.png and out/pairs.jsonl from the model's own samples (`steps` DDIM steps, CFG `scale`),
+    each pair labelled by the margin under the classifier at `classifier_path`; prompts are `class_names`
+    (default the digits "0".."9"). Returns counts."""
+    class_names = class_names or [str(c) for c in range(NUM_CLASSES)]
+    clf = load_classifier(classifier_path)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(2 * per_class)  # class c: indices c*2P .. c*2P + 2P - 1
-    noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    side = unet.cfg.sample_size  # 8 (digits) or 28 (fashion)
+    noise = torch.randn((len(labels), 1, side, side), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        x = sample_digits(unet, unet, embed, labels, noise, scale)
+        x = sample_digits(unet, unet, embed, labels, noise, scale, steps, batch_size=100 if side > 8 else 500)
     (out / "img").mkdir(parents=True, exist_ok=True)
-    x = torch.stack([torch.from_numpy(np.array(to_pil(im))).float()[None] / 127.5 - 1 for im in x])  # (1, 8, 8) each: the PNGs' pixels
+    x = torch.stack([torch.from_numpy(np.array(to_pil(im))).float()[None] / 127.5 - 1 for im in x])  # (1, S, S) each: the PNGs' pixels
     with torch.no_grad():
         margin = class_margin(clf, x, labels)
     lines, ties = [], 0
@@ -62,12 +67,13 @@ def build_pairs(out: Path, unet, embed, per_class: int, scale: float, tie_tol: f
         a, b = (i, i + 1) if margin[i] >= margin[i + 1] else (i + 1, i)
         tie = bool(abs(margin[i] - margin[i + 1]) < tie_tol)
         ties += tie
-        lines.append(json.dumps({"prompt": str(int(labels[i])), "chosen": f"img/{a:05d}.png", "rejected": f"img/{b:05d}.png",
+        lines.append(json.dumps({"prompt": class_names[int(labels[i])], "chosen": f"img/{a:05d}.png", "rejected": f"img/{b:05d}.png",
                                  "tie": tie, "margin_chosen": round(float(margin[a]), 4), "margin_rejected": round(float(margin[b]), 4)}))
     atomic_write(out / "pairs.jsonl", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     gap = torch.tensor([json.loads(l)["margin_chosen"] - json.loads(l)["margin_rejected"] for l in lines])
     return {"pairs": len(lines), "ties": ties, "kept": len(lines) - ties, "pair_scale": scale, "tie_tol": tie_tol,
-            "per_class": per_class, "mean_margin": margin.mean().item(), "mean_gap": gap.mean().item(), "seed": seed}
+            "per_class": per_class, "mean_margin": margin.mean().item(), "mean_gap": gap.mean().item(), "seed": seed,
+            "steps": steps, "classifier": Path(classifier_path).name}
 
 
 def train(runs_dir: Path, name: str, flags: str) -> Path:

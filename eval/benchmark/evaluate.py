@@ -52,13 +52,15 @@ def _features(clf, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, steps=25, solver="ddim",
-             spacing="trailing", classifier_path=None, model="digits") -> tuple[list[dict], dict]:
+             spacing="trailing", classifier_path=None, model="digits", keep: dict | None = None) -> tuple[list[dict], dict]:
     """Rows {method, guidance_scale, log_p, margin, accuracy, fd, precision, recall, win_vs_cfg, n} for plain
     CFG and each negative.
 
     negatives: {name: neg_unet (negative at the null class) or Autoguide}; "cfg" (the base model itself) is
     always included. model: "digits" or "fashion" (whose data and classifier; classifier_path overrides).
     The held-out test split is used only here, as the Frechet and precision/recall reference.
+    keep: if a dict, filled with {(method, scale): (margins `(N,)`, classifier features `(N, F)`)} and
+    {"ref": the held-out features `(M, F)`}, for eval.benchmark.gap's bootstrap.
     """
     clf = load_classifier(classifier_path or CLASSIFIERS[model])
     load = DATA[model]
@@ -73,6 +75,8 @@ def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, 
     side = unet.cfg.sample_size
     noise = torch.randn((n, 1, side, side), generator=torch.Generator().manual_seed(seed))
     rows = []
+    if keep is not None:
+        keep["ref"] = ref
     for scale in scales:
         margins = {}
         for name, neg in {"cfg": unet, **negatives}.items():
@@ -83,6 +87,8 @@ def evaluate(unet, embed, negatives: dict, scales, num_per_class=50, seed=1234, 
             margins[name] = margin
             feats = _features(clf, x)
             precision, recall = precision_recall(ref_pr, feats)
+            if keep is not None:
+                keep[name, scale] = (margin, feats)
             rows.append({"method": name, "guidance_scale": scale, "log_p": class_log_prob(clf, x, labels).mean().item(),
                          "margin": margin.mean().item(), "accuracy": (clf(x).argmax(1) == labels).double().mean().item(),
                          "fd": frechet_distance(feats, ref), "precision": precision, "recall": recall,

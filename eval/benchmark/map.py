@@ -1,20 +1,26 @@
-"""The map: where Self-NPO helps. Its seed-paired win rate against plain CFG, per guidance scale, on each base model.
+"""The map: where Self-NPO helps, on each base model, per guidance scale, in two measures against plain CFG.
 
-    python -m eval.benchmark.map        # reads eval/reports/*/results.json, writes eval/reports/map.png and map.md
+    python -m eval.benchmark.map        # reads eval/reports/*/results.json, writes eval/reports/map.png, map_gap.png, map.md
 
 One line per base (the digits model; the fashion model at 10%, 30% and 100% of its pretraining), from the
-`self-npo-k5` rows that `eval.results` wrote (a base whose results are missing is left out, and said so).
-Above 50% Self-NPO's negative gives a higher intended-class margin than CFG's on most seeds; below, CFG wins.
+`self-npo-k5` rows that `eval.results` wrote (a base whose results are missing is left out, and said so):
+  - map.png: the seed-paired win rate (above 50%: Self-NPO's negative gives a higher intended-class margin than
+    CFG's on most seeds);
+  - map_gap.png: the gap to the CFG curve at equal FD (eval/benchmark/gap.py; above 0: a better margin than CFG
+    reaches at the same FD), with +-2 standard errors where the report has them (reports written before the gap
+    existed: the point estimate from their rows, no error bar).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from eval.benchmark.gap import gaps
 from npo_min import cli
 from npo_min.checkpoint import atomic_write
 from npo_min.pipelines import ROOT
@@ -25,49 +31,68 @@ BASES = {  # label -> report folder, weak to strong within a family
 }
 
 
-def collect(reports: Path, method: str = "self-npo-k5") -> dict[str, list[tuple[float, float, int]]]:
-    """{base label: [(guidance scale, win rate vs CFG, n), ...]} for the bases whose results.json exists."""
+def collect(reports: Path, method: str = "self-npo-k5") -> dict[str, list[tuple]]:
+    """{base label: [(guidance scale, win rate vs CFG, n, gap vs CFG at equal FD, its SE or NaN), ...]} for the bases
+    whose results.json exists."""
     out = {}
     for label, folder in BASES.items():
         path = reports / folder / "results.json"
-        if path.is_file():
-            rows = json.loads(path.read_text())["rows"]
-            out[label] = [(r["guidance_scale"], r["win_vs_cfg"], r["n"]) for r in rows if r["method"] == method]
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        rows = [r for r in report["rows"] if r["method"] in ("cfg", method)]
+        if "gaps" in report:
+            gap = {g["guidance_scale"]: (g["gap"], g["se"]) for g in report["gaps"]
+                   if g["family"] == method and g["baseline"] == "cfg"}
+        else:
+            points = {m: [(r["guidance_scale"], r["fd"], r["margin"]) for r in rows if r["method"] == m] for m in ("cfg", method)}
+            gap = {s: (g, math.nan) for s, g in zip(sorted(s for s, _, _ in points[method]), gaps(points, "cfg")[method])}
+        out[label] = [(r["guidance_scale"], r["win_vs_cfg"], r["n"], *gap.get(r["guidance_scale"], (math.nan, math.nan)))
+                      for r in rows if r["method"] == method]
     return out
 
 
-def plot(lines: dict, path: Path) -> None:
-    """Win rate (y, 0..100%) against guidance scale (x), one polyline per base, the 50% line dashed."""
+def plot(lines: dict, path: Path, gap: bool = False) -> None:
+    """Win rate (y, 0..100%; gap=False) or the gap at equal FD (y, margin units, +-2 SE bars; gap=True) against
+    guidance scale (x), one polyline per base; the no-effect line (50% / 0) dashed."""
     W, H, pad = 720, 480, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    xs = [s for pts in lines.values() for s, _, _ in pts]
-    x0, x1 = min(xs), max(xs)
+    pts = {label: [(p[0], p[3] if gap else p[1], 2 * p[4] if gap and not math.isnan(p[4]) else 0.0) for p in v
+                   if not math.isnan(p[3] if gap else p[1])] for label, v in lines.items()}
+    xs = [s for v in pts.values() for s, _, _ in v]
+    ys = [y + e * k for v in pts.values() for _, y, e in v for k in (-1, 1)] + ([0.0] if gap else [0.0, 1.0])
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
-    sy = lambda v: H - pad - v * (H - 2 * pad)
+    sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
     d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    zero = 0.0 if gap else 0.5
     for x in range(pad, W - pad, 12):
-        d.line([(x, sy(0.5)), (x + 6, sy(0.5))], fill="gray")
+        d.line([(x, sy(zero)), (x + 6, sy(zero))], fill="gray")
     d.text((W // 2 - 60, H - pad + 30), "guidance scale", fill="black")
-    d.text((8, pad - 30), "Self-NPO (K 5, defaults): seed-paired win rate against plain CFG", fill="black")
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        d.text((8, sy(v) - 6), f"{100 * v:.0f}%", fill="black")
+    d.text((8, pad - 30), "Self-NPO (K 5, defaults) vs plain CFG: " + (
+        "margin gap to the CFG curve at equal FD (+-2 SE)" if gap else "seed-paired win rate"), fill="black")
+    for v in ((y0, 0.0, y1) if gap else (0.0, 0.25, 0.5, 0.75, 1.0)):
+        d.text((4, sy(v) - 6), f"{v:+.2f}" if gap else f"{100 * v:.0f}%", fill="black")
     for v in sorted(set(xs)):
         d.text((sx(v) - 6, H - pad + 6), f"{v:g}", fill="black")
     colors = ["orange", "red", "blue", "black", "green", "purple"]
-    for i, (label, pts) in enumerate(lines.items()):
+    for i, (label, v) in enumerate(pts.items()):
         c = colors[i % len(colors)]
-        d.line([(sx(s), sy(w)) for s, w, _ in pts], fill=c, width=2)
-        for s, w, _ in pts:
-            d.ellipse([sx(s) - 3, sy(w) - 3, sx(s) + 3, sy(w) + 3], fill=c)
-        d.text((W - pad - 170, pad + 6 + 14 * i), f"{label} (n={pts[0][2]})", fill=c)
+        if len(v) > 1:
+            d.line([(sx(s), sy(y)) for s, y, _ in v], fill=c, width=2)
+        for s, y, e in v:
+            d.ellipse([sx(s) - 3, sy(y) - 3, sx(s) + 3, sy(y) + 3], fill=c)
+            if e:
+                d.line([(sx(s), sy(y - e)), (sx(s), sy(y + e))], fill=c, width=1)
+        d.text((W - pad - 170, pad + 6 + 14 * i), f"{label} (n={lines[label][0][2]})", fill=c)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reports", default=str(ROOT / "eval" / "reports"), help="folder of the eval.results outputs")
-    p.add_argument("--out", default=None, help="output folder for map.png and map.md (default: --reports)")
+    p.add_argument("--out", default=None, help="output folder for map.png, map_gap.png and map.md (default: --reports)")
     args = p.parse_args(argv)
     reports = Path(args.reports)
     lines = collect(reports)
@@ -75,15 +100,19 @@ def main(argv=None):
         raise FileNotFoundError(f"no results.json under {reports}/{{{','.join(BASES.values())}}}: run `python -m eval.results` first.")
     out = Path(args.out or reports)
     out.mkdir(parents=True, exist_ok=True)
-    table = ["| base | " + " | ".join("scale / win" for _ in range(max(len(v) for v in lines.values()))) + " |",
-             "|---" * (1 + max(len(v) for v in lines.values())) + "|"]
-    table += [f"| {label} (n={pts[0][2]}) | " + " | ".join(f"{s:g} / {100 * w:.1f}%" for s, w, _ in pts) + " |"
-              for label, pts in lines.items()]
+    width = max(len(v) for v in lines.values())
+    cell = lambda p: (f"{p[0]:g} / {100 * p[1]:.1f}% / " + ("-" if math.isnan(p[3]) else f"{p[3]:+.2f}")
+                      + ("" if math.isnan(p[4]) else f" ± {p[4]:.2f}"))
+    table = ["| base | " + " | ".join("scale / win / gap at equal FD" for _ in range(width)) + " |", "|---" * (1 + width) + "|"]
+    table += [f"| {label} (n={pts[0][2]}) | " + " | ".join(cell(p) for p in pts) + " |" for label, pts in lines.items()]
     missing = [label for label in BASES if label not in lines]
-    md = "\n".join(table) + ("\n\nNot measured: " + ", ".join(missing) + "\n" if missing else "\n")
+    md = ("\n".join(table) + "\n\nwin: seed-paired share of samples with a higher margin than plain CFG; gap: margin minus "
+          "the CFG curve's at the same FD (± one standard error where the report has training seeds and a bootstrap; "
+          "- = FD outside CFG's range)\n" + ("\nNot measured: " + ", ".join(missing) + "\n" if missing else ""))
     atomic_write(out / "map.md", lambda tmp: Path(tmp).write_text(md))
     plot(lines, out / "map.png")
-    print(md + f"wrote {out / 'map.png'} and map.md")
+    plot(lines, out / "map_gap.png", gap=True)
+    print(md + f"wrote {out / 'map.png'}, map_gap.png and map.md")
 
 
 if __name__ == "__main__":

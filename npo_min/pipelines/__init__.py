@@ -157,7 +157,11 @@ MODELS = {
         "npo_min.pipelines.fashion", "weights/fashion",
         train=dict(steps=100, batch_size=16, grad_accum=1, lr=1e-4, weight_decay=1e-3),
         sample=dict(guidance_scale=3.0, steps=25, solver="ddim", spacing="trailing", height=28, width=28, batch_size=100),
-        pretrain=dict(steps=1600, batch_size=32, lr=1e-3, ema_rate=0.995, threads=1, snapshots=(0.1, 0.3))),
+        pretrain=dict(steps=1600, batch_size=32, lr=1e-3, ema_rate=0.995, threads=1, snapshots=(0.1, 0.3)),
+        # DPO-NPO as digits' (LoRA rank 8, beta 500, lr 1e-3), 100 steps of batch 16 like Self-NPO here; not tuned.
+        # No fashion reward is registered for reward-NPO (eval/rewards.py): --reward must be given.
+        npo=dict(steps=100, batch_size=16, grad_accum=1, lr=1e-3, weight_decay=1e-2, lora_rank=8, dpo_beta=500.0,
+                 reward=None, reward_k=1, sample_steps=10, guidance_scale=3.0)),
     # The authors' SD1.5 recipe (Self-NPO/train.sh): lr 1e-6, AdamW wd 1e-3, 1000 steps, batch 80 = 20 x 4
     # accumulation on one GPU; sampling as their evaluation: DPM-Solver++(2M) 25 steps, scale 7.5, 512 px.
     # Their DPMSolverMultistep used "linspace" spacing (999, 959, ..., 40); "trailing" (999, ..., 39) is the nearest here.

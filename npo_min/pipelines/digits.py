@@ -52,6 +52,7 @@ class DigitsPipeline(Pipeline):
     def train_split() -> tuple[torch.Tensor, torch.Tensor]:
         """(images (N, 1, h, w) in [-1, 1], labels (N,)) of the family's train split."""
         return load_digits("train")
+
     def load_pixels(self, path, resolution=None):
         """An S x S greyscale PNG (as sample.py writes; S = 8 digits, 28 fashion) -> `(1, S, S)` in [-1, 1];
         ValueError for another size."""
