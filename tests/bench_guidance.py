@@ -16,7 +16,8 @@ step (the solver's own arithmetic is the same for every row). Rows, all on the s
              factors on every Linear / Conv weight, dense offsets on every bias and norm parameter
 
 Time: the rows run interleaved in one process (A, B, C, D, A, ...) after a warm-up, so a busy machine slows
-all alike; the median over --repeats is reported, as wall-clock seconds and as the process's CPU seconds
+all alike; each row's FLOPs per step are counted too (the floor its time cannot beat relative to CFG's); the
+median over --repeats is reported, as wall-clock seconds and as the process's CPU seconds
 (time.process_time, all threads: on a shared machine the steadier measure of the work). Peak memory (CPU): one subprocess per row, the kernel's
 peak-RSS counter (VmHWM) reset after the base weights are loaded, then the row is built (the second UNet,
 the factors) and one step runs; "peak" = the whole process at its highest. On CUDA: torch.cuda.max_memory_allocated
@@ -42,6 +43,7 @@ from npo_min.batched_offsets import LowRankOffset, npo_denoisers  # noqa: E402
 from npo_min.guidance import guided_denoiser  # noqa: E402
 from npo_min.pipelines.sd15 import PRESETS  # noqa: E402
 from npo_min.unet import UNet2DConditionModel  # noqa: E402
+from bench_self_npo import count_flops  # noqa: E402  (tests/, beside this script)
 
 ROWS = ("cfg", "two-model", "lora-r8", "svd-r64")
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -140,6 +142,9 @@ def report(results: dict, what: str) -> None:
                      f"{r['median_cpu_s'] / c['median_cpu_s']:6.3f}") if "median_s" in r else f"{'-':>8} {'-':>6} {'-':>8} {'-':>6}"
             mem = f"{r['peak'] / gib:9.2f} {r['peak'] / c['peak']:6.3f}" if "peak" in r else f"{'-':>9} {'-':>6}"
             print(f"{batch:5d} {row:10} {time_} {mem}   " + " ".join(f"{t:.2f}" for t in r.get("times_s", [])))
+        if "flops" in c:
+            print("      FLOPs per step (torch.utils.flop_counter, attention in its math form), x cfg: " + ", ".join(
+                f"{row} {r['flops'] / 1e9:.1f} G ({r['flops'] / c['flops']:.3f})" for row, r in res.items()))
         if "vs_two_model" in res["lora-r8"]:
             print(f"      one-pass lora-r8 vs two-model output: relative max difference {res['lora-r8']['vs_two_model']:.2g}")
 
@@ -183,6 +188,8 @@ def main(argv=None):
             # two-model row (no eta) leaves theta as it is and adds its copy
             rows = {row: make_step(*make_row(row, base), args.config, batch, args.size, args.device, dtype) for row in ROWS}
             outs = {row: step().float() for row, step in rows.items()}  # warm-up
+            for row, step in rows.items():  # the FLOP floor of each row (the one-pass rows' low-rank work included)
+                results[batch][row]["flops"] = count_flops(step)
             # the lora-r8 and two-model rows hold the same theta_neg: the same result
             results[batch]["lora-r8"]["vs_two_model"] = ((outs["lora-r8"] - outs["two-model"]).abs().max()
                                                          / outs["two-model"].abs().max()).item()

@@ -13,6 +13,9 @@ Sections (random weights, float32, CPU, batch 1, --threads torch threads):
            (FLOPs / time / peak; fwd+bwd counted by the same counter).
   profile  one forward of ours under torch.profiler: self CPU time per operator class (conv, matmul, SDPA,
            GroupNorm, LayerNorm, elementwise, other).
+  inplace  one no-grad forward of ours at batch 2 (CFG's batched pass), eager against the same forwards with
+           GroupNorm -> SiLU and the residual adds done in place (the eager form of a fused GroupNorm+SiLU:
+           one activation buffer fewer per norm), interleaved, with the max difference (0: same values).
   tdft     one Self-NPO TDFT step (self_npo.truncated_rollout + tdft_loss + backward; from noise, rollout
            w = -1 so each rollout evaluation is one batch-B forward) for each K in --ks, and one plain
            denoising fine-tuning step (self_npo.denoising_loss + backward). Beside each: the prediction from
@@ -47,7 +50,7 @@ from npo_min.schedule import NoiseSchedule  # noqa: E402
 from npo_min.self_npo import SelfNPOConfig, denoising_loss, tdft_loss, truncated_rollout  # noqa: E402
 from npo_min.unet import UNet2DConditionModel  # noqa: E402
 
-SECTIONS = ("flops", "gemm", "forward", "profile", "tdft", "memory")
+SECTIONS = ("flops", "gemm", "forward", "profile", "inplace", "tdft", "memory")
 GIB = 2**30
 
 
@@ -201,6 +204,62 @@ def section_profile(args, res):
     for cls, us in sorted(classes.items(), key=lambda kv: -kv[1]):
         print(f"  {cls:12} {us / 1e6:8.3f} s {us / total:7.1%}")
     print("  top operators: " + ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8]))
+
+
+def inplace_forwards():
+    """No-grad forwards of the resnet block, transformer block and GEGLU with GroupNorm -> SiLU fused in place and
+    in-place residual adds (the eager stand-in for a fused GroupNorm+SiLU kernel); the same values bit for bit."""
+    import torch.nn.functional as F
+
+    from npo_min import unet as U
+
+    orig = {c: c.forward for c in (U.ResnetBlock2D, U.BasicTransformerBlock, U.GEGLU)}
+
+    def resnet(self, x, temb):
+        if torch.is_grad_enabled():
+            return orig[U.ResnetBlock2D](self, x, temb)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h += self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+    def block(self, x, context):
+        if torch.is_grad_enabled():
+            return orig[U.BasicTransformerBlock](self, x, context)
+        x = x + self.attn1(self.norm1(x))
+        x += self.attn2(self.norm2(x), context)
+        x += self.ff(self.norm3(x))
+        return x
+
+    def geglu(self, x):
+        if torch.is_grad_enabled():
+            return orig[U.GEGLU](self, x)
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return F.gelu(gate).mul_(h)
+
+    return orig, {U.ResnetBlock2D: resnet, U.BasicTransformerBlock: block, U.GEGLU: geglu}
+
+
+def section_inplace(args, res):
+    model = load("ours", args.config, args.weights)
+    x, t, ctx = inputs(args.config, args.size, batch=2)  # the batched [c', c] pass of CFG sampling
+    eager, fused = inplace_forwards()
+
+    def run(forwards):
+        for cls, f in forwards.items():
+            cls.forward = f
+        try:
+            return fwd("ours", model, x, t, ctx)
+        finally:
+            for cls, f in eager.items():
+                cls.forward = f
+
+    diff = (run(eager) - run(fused)).abs().max().item()
+    times = timed({"eager": lambda: run(eager), "in place": lambda: run(fused)}, args.repeats)
+    res["inplace"] = times | {"max_diff": diff}
+    print(f"\nno-grad forward at {args.size}x{args.size}, batch 2, eager vs GroupNorm+SiLU and residual adds in place "
+          f"(max difference {diff:.2g}), medians of {args.repeats}: eager {times['eager']:.3f} s, in place "
+          f"{times['in place']:.3f} s, ratio {times['in place'] / times['eager']:.3f}")
 
 
 def section_tdft(args, res):

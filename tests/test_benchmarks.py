@@ -28,15 +28,17 @@ def test_bench_guidance_tiny(capsys):
     rows = res[1]
     assert set(rows) == set(bench_guidance.ROWS) and all(r["median_s"] > 0 for r in rows.values())
     assert rows["lora-r8"]["vs_two_model"] <= 1e-5  # one pass = two models, in the benchmark's own setting
+    assert rows["two-model"]["flops"] == rows["cfg"]["flops"] < rows["lora-r8"]["flops"] < rows["svd-r64"]["flops"]
     assert "one-pass lora-r8 vs two-model" in capsys.readouterr().out
 
 
 def test_bench_self_npo_tiny(capsys):
-    res = bench_self_npo.main(["--config", "tiny", "--only", "flops", "gemm", "forward", "profile", "tdft", "--size", "8",
+    res = bench_self_npo.main(["--config", "tiny", "--only", "flops", "gemm", "forward", "profile", "inplace", "tdft", "--size", "8",
                                "--flop-sizes", "8", "--gemm-sizes", "128", "--ks", "1", "2", "--repeats", "1"])
     assert res["flops_fwd_8"] > 0 and res["flops_fwdbwd_8"] > 1.5 * res["flops_fwd_8"] and res["gemm_peak"] > 0
     assert set(res["tdft"]) == {"plain fine-tuning", "TDFT K=1", "TDFT K=2"} and all(math.isfinite(v) for v in res["tdft"].values())
     assert {"conv", "matmul"} <= set(res["profile"])
+    assert res["inplace"]["max_diff"] == 0 and res["inplace"]["eager"] > 0  # the in-place forwards change no value
     assert "ratio ours / diffusers" in capsys.readouterr().out
 
 

@@ -161,11 +161,11 @@ def test_results_smoke(tmp_path, monkeypatch):
         assert r["n"] == 10 and np.isfinite(r["fd"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
     assert report["metadata"]["self-npo-k5-seed1"]["seed"] == "1" and report["metadata"]["dpo-npo"]["method"] == "dpo-npo"
     assert len((out / "pairs" / "pairs.jsonl").read_text().splitlines()) == 20  # 2 pairs x 10 classes
-    gaps = {(g["family"], g["baseline"], g["guidance_scale"]): g for g in report["gaps"]}
-    assert set(gaps) == {(f, b, s) for f in ("self-npo-k5", "random-norm", "dpo-npo") for b in ("cfg", "autoguide-weak")
-                         for s in (2.0, 3.0)}
+    gaps = {(g["family"], g["baseline"], g["measure"], g["guidance_scale"]): g for g in report["gaps"]}
+    assert set(gaps) == {(f, b, m, s) for f in ("self-npo-k5", "random-norm", "dpo-npo") for b in ("cfg", "autoguide-weak")
+                         for m in ("margin", "fd") for s in (2.0, 3.0)}
     assert all(g["seeds"] == 2 for g in gaps.values())
-    assert "## Gap to each baseline's curve at equal FD" in (out / "results.md").read_text()
+    assert "FD gain at equal margin against cfg" in (out / "results.md").read_text()
     assert (out / "curves.png").exists() and (out / "curves_accuracy.png").exists()
     shift = {(r["method"], r["t"]): r["shift"] for r in report["shift"]}
     assert len(shift) == 8 * 5 and all(shift["cfg", t] == 0 for t in (100, 300, 500, 700, 900))

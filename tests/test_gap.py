@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eval.benchmark.gap import family, format_gaps, gap_table, gaps, margin_at_fd, winners
+from eval.benchmark.gap import family, fd_at_margin, format_gaps, gap_table, gaps, margin_at_fd, winners
 
 
 def test_family_strips_only_the_training_seed_suffix():
@@ -22,6 +22,20 @@ def test_margin_at_fd_is_the_best_margin_at_no_worse_fd():
     assert margin_at_fd([(10.0, 1.0), (20.0, 3.0)], 17.0) == pytest.approx(2.4)
     assert math.isnan(margin_at_fd(curve, 9.0))  # closer to the data than the baseline ever gets
     assert margin_at_fd([(5.0, 2.0)], 6.0) == 2.0 and math.isnan(margin_at_fd([(5.0, 2.0)], 4.0))
+
+
+def test_fd_at_margin_is_the_lowest_fd_at_no_worse_margin():
+    curve = [(10.0, 1.0), (20.0, 3.0), (15.0, 4.0)]
+    assert fd_at_margin(curve, 2.0) == pytest.approx(15.0)  # the third vertex (margin 4) beats the crossing at FD 15
+    assert fd_at_margin(curve, 0.5) == pytest.approx(10.0) and fd_at_margin(curve, 3.5) == pytest.approx(15.0)
+    assert math.isnan(fd_at_margin(curve, 4.5))  # a margin the baseline never reaches
+
+
+def test_fd_gain_positive_when_closer_to_the_data_at_equal_margin():
+    cfg = [(1.5, 10.0, 1.0), (3.0, 20.0, 3.0), (5.0, 30.0, 4.0)]
+    g = gaps({"cfg": cfg, "same": cfg, "closer": [(2.0, 8.0, 2.0)], "further": [(2.0, 25.0, 2.0)]}, "cfg", "fd")
+    assert g["same"] == [0.0, 0.0, 0.0]
+    assert g["closer"] == [pytest.approx(15.0 - 8.0)] and g["further"] == [pytest.approx(15.0 - 25.0)]
 
 
 def test_gaps_zero_for_the_baseline_itself_and_signed_otherwise():
@@ -52,7 +66,8 @@ def test_gap_table_seed_mean_and_seed_error_exact():
         samples["m", scale] = (m + 1.0, f)        # same features = same FD: the gap is the margin shift
         samples["m-seed1", scale] = (m + 3.0, f)
     rows = gap_table(samples, ref, ["cfg"], n_boot=20)
-    assert len(rows) == 3 and {r["family"] for r in rows} == {"m"}
+    assert len(rows) == 6 and {r["family"] for r in rows} == {"m"} and {r["measure"] for r in rows} == {"margin", "fd"}
+    rows = [r for r in rows if r["measure"] == "margin"]
     for r in rows:
         assert r["seeds"] == 2 and r["gap"] == pytest.approx(2.0)
         assert r["se_seeds"] == pytest.approx(1.0)   # std(1, 3) / sqrt(2)
@@ -68,7 +83,7 @@ def test_gap_table_sample_error_matches_the_paired_mean_difference():
         samples["m", scale] = (other, f)
         diffs[scale] = other - m
     rows = gap_table(samples, ref, ["cfg"], n_boot=400, seed=1)
-    for r in rows:
+    for r in (r for r in rows if r["measure"] == "margin"):
         d = diffs[r["guidance_scale"]]
         assert r["gap"] == pytest.approx(d.mean().item(), abs=1e-6)
         assert math.isnan(r["se_seeds"]) and r["seeds"] == 1
@@ -80,9 +95,12 @@ def test_gap_undefined_below_the_baselines_fd_range():
     ref, samples, _ = synthetic()
     m, _ = samples["cfg", 5.0]
     samples["near", 5.0] = (m, ref.clone())  # FD 0: closer to the data than any CFG scale
-    row = gap_table(samples, ref, ["cfg"], n_boot=5)[0]
+    rows = gap_table(samples, ref, ["cfg"], n_boot=5)
+    row = next(r for r in rows if r["measure"] == "margin")
     assert math.isnan(row["gap"]) and math.isnan(row["z"])
     assert "| near (1) | - |" in format_gaps([row], "cfg")
+    fd = next(r for r in rows if r["measure"] == "fd")  # the other way round it is defined: same margin, lower FD
+    assert fd["gap"] > 0 and "| near (1) | +" in format_gaps(rows, "cfg", "fd")
 
 
 def test_winners_need_every_defined_baseline():

@@ -14,7 +14,11 @@ gap > 0: the method's frontier is above the baseline's; the baseline against its
 every FD the baseline's scales reach, the gap is undefined (NaN, shown as "-"): the method is closer to the data
 than the baseline ever gets, a comparison the margin alone cannot make.
 
-Two noise sources make up its standard error (`gap_table`):
+The same comparison the other way round, for the methods whose FD leaves the baseline's range: the FD gain at
+equal margin, G_baseline(m) - G_method(m), where G(m) is the lowest FD a method reaches at a margin no worse than m
+and m is the method's margin at that scale (> 0: the method reaches that margin closer to the data; FD units).
+
+Two noise sources make up each standard error (`gap_table`):
   - the sample set: the same sample indices are resampled with replacement for every method and the baseline
     (the samples are seed-paired), margins and FDs recomputed, the gap recomputed; `n_boot` times;
   - training: each trained variant is run with >= 2 training seeds (`-seedS` suffixes); between-seed standard
@@ -52,10 +56,26 @@ def margin_at_fd(curve: list[tuple[float, float]], fd: float) -> float:
     return max(candidates) if candidates else math.nan
 
 
-def gaps(points: dict[str, list[tuple[float, float, float]]], baseline: str) -> dict[str, list[float]]:
-    """{method: [gap at each of its scales]} to `baseline`'s frontier. points: {method: [(scale, FD, margin), ...]}."""
-    frontier = lambda pts, fd: margin_at_fd([(f, m) for _, f, m in sorted(pts)], fd)
-    return {name: [frontier(pts, fd) - frontier(points[baseline], fd) for _, fd, _ in sorted(pts)]
+def fd_at_margin(curve: list[tuple[float, float]], margin: float) -> float:
+    """The lowest FD on the polyline `curve` [(FD, margin), ...] at a margin >= `margin`; NaN if none."""
+    candidates = [f for f, m in curve if m >= margin]
+    for (f0, m0), (f1, m1) in zip(curve, curve[1:]):
+        if m0 != m1 and min(m0, m1) <= margin <= max(m0, m1):
+            candidates.append(f0 + (margin - m0) / (m1 - m0) * (f1 - f0))  # linear in margin along the segment
+    return min(candidates) if candidates else math.nan
+
+
+def gaps(points: dict[str, list[tuple[float, float, float]]], baseline: str, measure: str = "margin") -> dict[str, list[float]]:
+    """{method: [gap at each of its scales]} to `baseline`'s frontier. points: {method: [(scale, FD, margin), ...]}.
+
+    measure "margin": F_method(FD) - F_baseline(FD) (margin units); "fd": G_baseline(margin) - G_method(margin)
+    (FD units; > 0 = closer to the data at equal margin).
+    """
+    curve = lambda pts: [(f, m) for _, f, m in sorted(pts)]
+    if measure == "margin":
+        return {name: [margin_at_fd(curve(pts), fd) - margin_at_fd(curve(points[baseline]), fd) for _, fd, _ in sorted(pts)]
+                for name, pts in points.items() if name != baseline}
+    return {name: [fd_at_margin(curve(points[baseline]), m) - fd_at_margin(curve(pts), m) for _, _, m in sorted(pts)]
             for name, pts in points.items() if name != baseline}
 
 
@@ -71,7 +91,8 @@ def _points(samples: dict, ref_stats, idx: torch.Tensor | None = None) -> dict[s
 
 def gap_table(samples: dict, ref_feats: torch.Tensor, baselines: list[str], n_boot: int = 200,
               seed: int = 0) -> list[dict]:
-    """Gap rows {family, baseline, guidance_scale, gap, se, se_seeds, se_sample, seeds, z} for every method family.
+    """Gap rows {family, baseline, measure, guidance_scale, gap, se, se_seeds, se_sample, seeds, z} for every method
+    family, measure "margin" (at equal FD) and "fd" (FD gain at equal margin).
 
     samples: {(method, guidance scale): (margins `(N,)`, features `(N, F)`)}, the same N seed-paired samples for
     every method and scale (eval.benchmark.evaluate's keep); ref_feats `(M, F)`: the held-out reference features.
@@ -86,12 +107,15 @@ def gap_table(samples: dict, ref_feats: torch.Tensor, baselines: list[str], n_bo
         if m not in baselines:
             families.setdefault(family(m), []).append(m)
 
-    def family_means(points) -> dict[tuple[str, str], torch.Tensor]:  # (family, baseline) -> (scales,) seed-mean gap
+    measures = ("margin", "fd")
+
+    def family_means(points) -> dict[tuple, torch.Tensor]:  # (family, baseline, measure) -> (scales,) seed-mean gap
         out = {}
         for b in baselines:
-            g = gaps({m: points[m] for m in [b, *sum(families.values(), [])]}, b)
-            for fam, members in families.items():
-                out[fam, b] = torch.tensor([g[m] for m in members], dtype=torch.float64).mean(0)
+            for measure in measures:
+                g = gaps({m: points[m] for m in [b, *sum(families.values(), [])]}, b, measure)
+                for fam, members in families.items():
+                    out[fam, b, measure] = torch.tensor([g[m] for m in members], dtype=torch.float64).mean(0)
         return out
 
     point = _points(samples, ref_stats)
@@ -100,25 +124,26 @@ def gap_table(samples: dict, ref_feats: torch.Tensor, baselines: list[str], n_bo
     boots = [family_means(_points(samples, ref_stats, torch.randint(0, n, (n,), generator=gen))) for _ in range(n_boot)]
     rows = []
     for b in baselines:
-        per_method = gaps({m: point[m] for m in [b, *sum(families.values(), [])]}, b)
-        for fam, members in families.items():
-            seeds = torch.tensor([per_method[m] for m in members], dtype=torch.float64)  # (S, scales)
-            boot = torch.stack([r[fam, b] for r in boots])  # (n_boot, scales)
-            for i, scale in enumerate(sorted(s for m, s in samples if m == members[0])):
-                g = estimate[fam, b][i].item()
-                finite = boot[:, i][boot[:, i].isfinite()]
-                se_sample = finite.std().item() if len(finite) > 1 else math.nan
-                se_seeds = (seeds[:, i].std() / len(members) ** 0.5).item() if len(members) > 1 else math.nan
-                se = math.sqrt(se_sample ** 2 + (0.0 if math.isnan(se_seeds) else se_seeds ** 2))
-                rows.append({"family": fam, "baseline": b, "guidance_scale": scale, "gap": g, "se": se,
-                             "se_seeds": se_seeds, "se_sample": se_sample, "seeds": len(members),
-                             "z": g / se if se > 0 and not math.isnan(g) else math.nan})
+        for measure in measures:
+            per_method = gaps({m: point[m] for m in [b, *sum(families.values(), [])]}, b, measure)
+            for fam, members in families.items():
+                seeds = torch.tensor([per_method[m] for m in members], dtype=torch.float64)  # (S, scales)
+                boot = torch.stack([r[fam, b, measure] for r in boots])  # (n_boot, scales)
+                for i, scale in enumerate(sorted(s for m, s in samples if m == members[0])):
+                    g = estimate[fam, b, measure][i].item()
+                    finite = boot[:, i][boot[:, i].isfinite()]
+                    se_sample = finite.std().item() if len(finite) > 1 else math.nan
+                    se_seeds = (seeds[:, i].std() / len(members) ** 0.5).item() if len(members) > 1 else math.nan
+                    se = math.sqrt(se_sample ** 2 + (0.0 if math.isnan(se_seeds) else se_seeds ** 2))
+                    rows.append({"family": fam, "baseline": b, "measure": measure, "guidance_scale": scale, "gap": g,
+                                 "se": se, "se_seeds": se_seeds, "se_sample": se_sample, "seeds": len(members),
+                                 "z": g / se if se > 0 and not math.isnan(g) else math.nan})
     return rows
 
 
-def format_gaps(rows: list[dict], baseline: str) -> str:
+def format_gaps(rows: list[dict], baseline: str, measure: str = "margin") -> str:
     """Markdown: one row per family, `gap ± se (z)` per guidance scale, against `baseline`'s curve."""
-    mine = [r for r in rows if r["baseline"] == baseline]
+    mine = [r for r in rows if r["baseline"] == baseline and r.get("measure", "margin") == measure]
     scales = sorted({r["guidance_scale"] for r in mine})
     lines = [f"| method (training seeds) | " + " | ".join(f"scale {s:g}" for s in scales) + " |", "|---" * (len(scales) + 1) + "|"]
     for fam in dict.fromkeys(r["family"] for r in mine):
@@ -129,11 +154,11 @@ def format_gaps(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def winners(rows: list[dict], z: float = 2.0, primary: str = "cfg") -> list[tuple[str, float]]:
-    """(family, scale) points above `primary`'s curve by more than `z` standard errors and above every other
-    baseline's curve by as much where that gap is defined (an FD outside a baseline's range cannot be compared)."""
+def winners(rows: list[dict], z: float = 2.0, primary: str = "cfg", measure: str = "margin") -> list[tuple[str, float]]:
+    """(family, scale) points above `primary`'s frontier by more than `z` standard errors in `measure` and above every
+    other baseline's by as much where that gap is defined (outside a baseline's range it cannot be compared)."""
     by_point: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
+    for r in (r for r in rows if r.get("measure", "margin") == measure):
         by_point.setdefault((r["family"], r["guidance_scale"]), []).append(r)
     out = []
     for key, rs in by_point.items():

@@ -43,7 +43,7 @@ def collect(reports: Path, method: str = "self-npo-k5") -> dict[str, list[tuple]
         rows = [r for r in report["rows"] if r["method"] in ("cfg", method)]
         if "gaps" in report:
             gap = {g["guidance_scale"]: (g["gap"], g["se"]) for g in report["gaps"]
-                   if g["family"] == method and g["baseline"] == "cfg"}
+                   if g["family"] == method and g["baseline"] == "cfg" and g.get("measure", "margin") == "margin"}
         else:
             points = {m: [(r["guidance_scale"], r["fd"], r["margin"]) for r in rows if r["method"] == m] for m in ("cfg", method)}
             gap = {s: (g, math.nan) for s, g in zip(sorted(s for s, _, _ in points[method]), gaps(points, "cfg")[method])}
