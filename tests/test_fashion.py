@@ -193,3 +193,17 @@ def test_map_reads_reports_and_names_missing_bases(tmp_path):
     assert (tmp_path / "map.png").stat().st_size > 0 and (tmp_path / "map_gap.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="run `python -m eval.results` first"):
         bench_map.main(["--reports", str(tmp_path / "none")])
+
+
+def test_map_shift_vs_gap_rank_correlation():
+    from eval.benchmark.map import shift_vs_gap
+
+    shift = [{"method": m, "t": t, "shift": s} for m, s in (("cfg", 0.0), ("a", 0.01), ("a-seed1", 0.03), ("b", 0.05),
+                                                             ("c", 0.09), ("autoguide-x", 0.5)) for t in (100, 900)]
+    gaps = [{"family": f, "baseline": "cfg", "measure": "margin", "guidance_scale": 2.0, "gap": g}
+            for f, g in (("a", 0.1), ("b", -0.5), ("c", -1.0))]
+    rows, rho = shift_vs_gap({"shift": shift, "gaps": gaps})
+    assert [r[0] for r in rows] == ["a", "b", "c"] and rows[0][1] == pytest.approx(0.02)  # seeds averaged
+    assert rho == pytest.approx(-1.0)  # the further the negative moves, the lower the gap
+    rows, rho = shift_vs_gap({"shift": shift, "gaps": [dict(g, gap=-g["gap"]) for g in gaps]})
+    assert rho == pytest.approx(1.0)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from eval.benchmark.gap import gaps
+from eval.benchmark.gap import family, gaps
 from npo_min import cli
 from npo_min.checkpoint import atomic_write
 from npo_min.pipelines import ROOT
@@ -50,6 +50,27 @@ def collect(reports: Path, method: str = "self-npo-k5") -> dict[str, list[tuple]
         out[label] = [(r["guidance_scale"], r["win_vs_cfg"], r["n"], *gap.get(r["guidance_scale"], (math.nan, math.nan)))
                       for r in rows if r["method"] == method]
     return out
+
+
+def shift_vs_gap(report: dict) -> tuple[list[tuple[str, float, float]], float]:
+    """Per variant family of one report: (family, mean shift of its negative over timesteps and seeds, mean margin gap
+    to CFG at equal FD over scales where defined), sorted by shift, and the Spearman rank correlation of the two."""
+    shift: dict[str, list[float]] = {}
+    for r in report["shift"]:
+        if r["method"] != "cfg" and not r["method"].startswith("autoguide"):
+            shift.setdefault(family(r["method"]), []).append(r["shift"])
+    gap: dict[str, list[float]] = {}
+    for g in report["gaps"]:
+        if g["baseline"] == "cfg" and g.get("measure", "margin") == "margin" and not math.isnan(g["gap"]):
+            gap.setdefault(g["family"], []).append(g["gap"])
+    rows = sorted(((f, sum(v) / len(v), sum(gap[f]) / len(gap[f])) for f, v in shift.items() if f in gap), key=lambda r: r[1])
+    n = len(rows)
+    if n < 3:
+        return rows, math.nan
+    rank = lambda vals: {v: i for i, v in enumerate(sorted(vals))}  # no ties in practice (float means)
+    rx, ry = rank([r[1] for r in rows]), rank([r[2] for r in rows])
+    d2 = sum((rx[r[1]] - ry[r[2]]) ** 2 for r in rows)
+    return rows, 1 - 6 * d2 / (n * (n * n - 1))
 
 
 def plot(lines: dict, path: Path, gap: bool = False) -> None:
@@ -109,6 +130,15 @@ def main(argv=None):
     md = ("\n".join(table) + "\n\nwin: seed-paired share of samples with a higher margin than plain CFG; gap: margin minus "
           "the CFG curve's at the same FD (± one standard error where the report has training seeds and a bootstrap; "
           "- = FD outside CFG's range)\n" + ("\nNot measured: " + ", ".join(missing) + "\n" if missing else ""))
+    for label, folder in BASES.items():  # the evidence: does the size of the negative's move predict the gap?
+        path = reports / folder / "results.json"
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        if "gaps" in report and "shift" in report:
+            rows, rho = shift_vs_gap(report)
+            md += (f"\n{label}: mean shift of the negative (eval.results' shift table, over timesteps and seeds) against "
+                   f"the mean margin gap to CFG at equal FD, per variant; Spearman rank correlation {rho:+.2f} over "
+                   f"{len(rows)} variants:\n\n| variant | shift | gap |\n|---|---|---|\n"
+                   + "".join(f"| {f} | {x:.4f} | {y:+.2f} |\n" for f, x, y in rows))
     atomic_write(out / "map.md", lambda tmp: Path(tmp).write_text(md))
     plot(lines, out / "map.png")
     plot(lines, out / "map_gap.png", gap=True)
