@@ -76,7 +76,7 @@ def shift_vs_gap(report: dict) -> tuple[list[tuple[str, float, float]], float]:
 def plot(lines: dict, path: Path, gap: bool = False) -> None:
     """Win rate (y, 0..100%; gap=False) or the gap at equal FD (y, margin units, +-2 SE bars; gap=True) against
     guidance scale (x), one polyline per base; the no-effect line (50% / 0) dashed."""
-    W, H, pad = 720, 480, 60
+    W, H, pad, legend = 900, 480, 60, 200  # the legend sits right of the plot, never over a line
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     pts = {label: [(p[0], p[3] if gap else p[1], 2 * p[4] if gap and not math.isnan(p[4]) else 0.0) for p in v
@@ -84,11 +84,12 @@ def plot(lines: dict, path: Path, gap: bool = False) -> None:
     xs = [s for v in pts.values() for s, _, _ in v]
     ys = [y + e * k for v in pts.values() for _, y, e in v for k in (-1, 1)] + ([0.0] if gap else [0.0, 1.0])
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - 2 * pad)
+    x0, x1 = x0 - 0.04 * (x1 - x0), x1 + 0.04 * (x1 - x0)  # keep the end points (and their bars) off the frame
+    sx = lambda v: pad + (v - x0) / max(x1 - x0, 1e-9) * (W - legend - 2 * pad)
     sy = lambda v: H - pad - (v - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
-    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.rectangle([pad, pad, W - legend - pad, H - pad], outline="black")
     zero = 0.0 if gap else 0.5
-    for x in range(pad, W - pad, 12):
+    for x in range(pad, W - legend - pad, 12):
         d.line([(x, sy(zero)), (x + 6, sy(zero))], fill="gray")
     d.text((W // 2 - 60, H - pad + 30), "guidance scale", fill="black")
     d.text((8, pad - 30), "Self-NPO (K 5, defaults) vs plain CFG: " + (
@@ -106,7 +107,7 @@ def plot(lines: dict, path: Path, gap: bool = False) -> None:
             d.ellipse([sx(s) - 3, sy(y) - 3, sx(s) + 3, sy(y) + 3], fill=c)
             if e:
                 d.line([(sx(s), sy(y - e)), (sx(s), sy(y + e))], fill=c, width=1)
-        d.text((W - pad - 170, pad + 6 + 14 * i), f"{label} (n={lines[label][0][2]})", fill=c)
+        d.text((W - legend - pad + 10, pad + 6 + 14 * i), f"{label} (n={lines[label][0][2]})", fill=c)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
