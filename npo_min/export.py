@@ -104,7 +104,7 @@ def kohya_names(base: Offset) -> dict[str, str] | None:
     diffusers paths (SD1.5's `down_blocks.0.attentions.0...`)."""
     if "add_embedding.linear_1.weight" not in base:
         return None
-    from .unet import ldm_layer_names
+    from .unet_ldm import ldm_layer_names
     return ldm_layer_names(base)
 
 

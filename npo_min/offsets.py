@@ -9,13 +9,13 @@ model family alike (so `--neg-ckpt` and `--pos-ckpt` accept the same things ever
   - a LoRA `.safetensors` / `.bin` (or a folder holding `pytorch_lora_weights.safetensors`, or PEFT's
     `adapter_model.safetensors` + `adapter_config.json`) in PEFT, diffusers, attention-processor or
     kohya-ss names (`lora_unet_` + the diffusers module path, as its SD1.5 LoRAs, or + the LDM module path,
-    as its SDXL ones: the UNet's key map, unet.ldm_layer_names); delta[layer.weight] = (alpha / r) B @ A,
+    as its SDXL ones: the UNet's key map, unet_ldm.ldm_layer_names); delta[layer.weight] = (alpha / r) B @ A,
     alpha per layer from PEFT's alpha_pattern. Text-encoder LoRA keys (`lora_te*`, `text_encoder*`) are refused.
     The authors' released `sd15_beta500_2kiter.safetensors` is in diffusers names, without alpha; the
     LoRAs train.py writes (npo_min/lora.py) carry the base's fingerprint, checked like a delta's;
   - a full fine-tuned denoiser in the family's own layout (e.g. a Diffusion-DPO UNet for --pos-ckpt):
     weights - base. The family passes its reader `read_weights(path) -> state dict` (its key map),
-    so this module imports no model family (kohya-ss's LDM names use the SD UNet's key map, unet.ldm_layer_names).
+    so this module imports no model family (kohya-ss's LDM names use the SD UNet's key map, unet_ldm.ldm_layer_names).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def lora_factors(lora: Offset, base: Offset, alpha: float | None = None, alpha_p
     underscored = {name.replace(".", "_"): name for name in layers}  # kohya-ss writes module paths with `_`
     if any(k.startswith("lora_unet_") for k in lora):
         # kohya-ss names from the LDM (original) layout, as its SDXL LoRAs: input_blocks_4_1_... -> down_blocks.1.attentions.0...
-        from .unet import ldm_layer_names  # the SD-style UNet's key map ({} for other denoisers)
+        from .unet_ldm import ldm_layer_names  # the SD-style UNet's key map ({} for other denoisers)
         underscored |= {ldm.replace(".", "_"): name for name, ldm in ldm_layer_names(layers).items()}
     text = [k for k in lora if k.startswith(("text_encoder", "lora_te"))]
     if text:

@@ -9,7 +9,7 @@ conditioning time ids, and both official checkpoint layouts. The modules are the
 Layouts (Podell et al. 2023, "SDXL"; stabilityai/stable-diffusion-xl-base-1.0):
 
   single file `sd_xl_base_1.0.safetensors` (the generative-models / LDM names)
-      model.diffusion_model.*              UNet    -> unet.ldm_unet_to_diffusers (label_emb.0 -> add_embedding)
+      model.diffusion_model.*              UNet    -> unet_ldm.ldm_unet_to_diffusers (label_emb.0 -> add_embedding)
       first_stage_model.*                  VAE     -> vae.ldm_vae_to_diffusers
       conditioner.embedders.0.transformer.*  CLIP-L  (transformers names already)
       conditioner.embedders.1.model.*      bigG in OpenCLIP's layout -> clip.open_clip_to_hf (fused in_proj
@@ -34,8 +34,8 @@ import torch
 
 from .checkpoint import CheckpointError, build_loaded, checkpoint_keys, load_state_dict
 from .clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_text_encoder, open_clip_to_hf, to_official_keys
-from .unet import (PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, ldm_unet_to_diffusers, load_unet,
-                   unet_config_from_diffusers)
+from .unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, load_unet, unet_config_from_diffusers
+from .unet_ldm import ldm_unet_to_diffusers
 from .vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, ldm_vae_to_diffusers, load_vae
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."

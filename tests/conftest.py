@@ -96,8 +96,8 @@ def vae_kwargs(cfg: VAEConfig) -> dict:
 
 
 def diffusers_unet_to_ldm(sd: dict, cfg: UNetConfig) -> dict:
-    """Inverse of sd15.ldm_unet_to_diffusers, to write single-file test checkpoints (tests only)."""
-    from npo_min.unet import LDM_RESNET, ldm_unet_prefixes
+    """Inverse of unet_ldm.ldm_unet_to_diffusers, to write single-file test checkpoints (tests only)."""
+    from npo_min.unet_ldm import LDM_RESNET, ldm_unet_prefixes
 
     pairs = sorted(ldm_unet_prefixes(cfg), key=lambda p: -len(p[1]))
     out = {}

@@ -19,7 +19,7 @@ from npo_min.checkpoint import CheckpointError
 from npo_min.offsets import load_offset, lora_to_delta
 from npo_min.pipelines.sd15 import PRESETS as SD15
 from npo_min.sdxl import PRESETS as SDXL
-from npo_min.unet import ldm_layer_names
+from npo_min.unet_ldm import ldm_layer_names
 
 pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (requirements-test.txt)")
 

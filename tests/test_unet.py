@@ -12,7 +12,8 @@ import diffusers
 from conftest import diffusers_unet_to_ldm, maxerr, randomize_, unet_kwargs
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from npo_min.checkpoint import CheckpointError, load_into
-from npo_min.unet import PRESETS, UNet2DConditionModel, UNetConfig, ldm_unet_to_diffusers, load_unet, unet_config_from_diffusers
+from npo_min.unet import PRESETS, UNet2DConditionModel, UNetConfig, load_unet, unet_config_from_diffusers
+from npo_min.unet_ldm import ldm_unet_to_diffusers
 
 TOL = 1e-4  # max abs error vs diffusers in float32 (measured: 0.0)
 CONFIGS = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..data import load_image
+from ..schedule import NoiseSchedule
 from ..vae import AutoencoderKL, decode_latents
 from . import Pipeline
 
@@ -16,6 +17,12 @@ class LatentImagePipeline(Pipeline):
     Diffusion-NPO trainers, npo_min/pairs.py and npo_min/diffusion_npo.py)."""
 
     vae: AutoencoderKL
+
+    def __init__(self, unet: torch.nn.Module, vae: AutoencoderKL, config, name: str):
+        """The shared part: the UNet, its VAE, the SD scaled-linear schedule (SD1.5 and SDXL use the same betas)."""
+        self.denoiser, self.vae, self.config, self.name = unet, vae, config, name
+        self.schedule = NoiseSchedule.sd()
+        self.latent_scale = vae.downscale
 
     @torch.no_grad()
     def decode(self, x0):

@@ -2,7 +2,7 @@
 (clip.py) and its BPE tokenizer (clip_tokenizer.py), loaded from either official layout:
 
   single file (`v1-5-pruned-emaonly.safetensors` / `.ckpt`, the original CompVis / LDM names)
-      model.diffusion_model.*            UNet  -> unet.ldm_unet_to_diffusers
+      model.diffusion_model.*            UNet  -> unet_ldm.ldm_unet_to_diffusers
       first_stage_model.*                VAE   -> vae.ldm_vae_to_diffusers
       cond_stage_model.transformer.*     CLIP text encoder (transformers names already)
       no tokenizer inside: pass `tokenizer=DIR`, or keep a `tokenizer/` folder next to the file
@@ -23,7 +23,6 @@ from ..checkpoint import CheckpointError, build_loaded, load_state_dict
 from ..clip import PRESETS as CLIP_PRESETS, CLIPTextConfig, CLIPTextModel, load_text_encoder, to_official_keys
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
 from ..data import MappedBatches, image_caption_pairs, load_image, shuffled_batches
-from ..schedule import NoiseSchedule
 from ..unet import PRESETS as UNET_PRESETS, UNet2DConditionModel, UNetConfig, _read_json, checkpoint_family, load_unet, read_unet_weights, unet_config_from_diffusers
 from ..vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, ldm_vae_to_diffusers, load_vae
 from .latent import LatentImagePipeline
@@ -77,9 +76,8 @@ class SD15Pipeline(LatentImagePipeline):
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, config: SD15Config, name: str):
-        self.denoiser, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.config, self.name, self.schedule = config, name, NoiseSchedule.sd()
-        self.latent_scale = vae.downscale
+        super().__init__(unet, vae, config, name)
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
 
     @torch.no_grad()
     def encode(self, prompts):

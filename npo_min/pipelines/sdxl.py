@@ -22,7 +22,6 @@ from ..checkpoint import CheckpointError
 from ..clip import CLIPTextModel
 from ..clip_tokenizer import CLIPTokenizer, load_tokenizer
 from ..data import MappedBatches, image_caption_pairs, load_image_random_crop, shuffled_batches
-from ..schedule import NoiseSchedule
 from ..sdxl import SDXLConfig, config_from_folder, encode_prompt, get_config, load_parts, time_ids
 from ..unet import UNet2DConditionModel, checkpoint_family, read_unet_weights
 from .latent import LatentImagePipeline
@@ -40,10 +39,8 @@ class SDXLPipeline(LatentImagePipeline):
 
     def __init__(self, unet: UNet2DConditionModel, vae, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel,
                  tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer, config: SDXLConfig, name: str):
-        self.denoiser, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.config, self.name, self.schedule = config, name, NoiseSchedule.sd()  # SDXL: the same scaled-linear betas
-        self.latent_scale = vae.downscale
+        super().__init__(unet, vae, config, name)
+        self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2 = text_encoder, text_encoder_2, tokenizer, tokenizer_2
         side = config.unet.sample_size * self.latent_scale
         self.image_size = (side, side)
 
