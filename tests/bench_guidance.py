@@ -43,7 +43,7 @@ from npo_min.batched_offsets import LowRankOffset, npo_denoisers  # noqa: E402
 from npo_min.guidance import guided_denoiser  # noqa: E402
 from npo_min.pipelines.sd15 import PRESETS  # noqa: E402
 from npo_min.unet import UNet2DConditionModel  # noqa: E402
-from bench_self_npo import count_flops  # noqa: E402  (tests/, beside this script)
+from bench_self_npo import count_flops, status  # noqa: E402  (tests/, beside this script)
 
 ROWS = ("cfg", "two-model", "lora-r8", "svd-r64")
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -110,14 +110,6 @@ def make_step(pos, neg, config: str, batch: int, size: int, device: str, dtype: 
         return out
 
     return step
-
-
-def status(field: str) -> int:
-    """A /proc/self/status entry in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def worker(args, row: str, batch: int) -> None:

@@ -302,6 +302,7 @@ def section_tdft(args, res):
 
 
 def status(field: str) -> int:
+    """A /proc/self/status entry in bytes (VmRSS, VmHWM); bench_guidance and bench_unet use it too."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from npo_min.unet import PRESETS, UNet2DConditionModel
+from npo_min.unet import PRESETS, UNet2DConditionModel  # noqa: E402
+from bench_self_npo import status  # noqa: E402  (tests/, beside this script)
 
 CFG = PRESETS["sd15"]
 
@@ -71,14 +72,6 @@ def make_step(kind: str, model, size: int, backward: bool):
         return out
 
     return step
-
-
-def status(field: str) -> int:
-    """A /proc/self/status entry in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def worker(kind: str, weights: str, size: int, backward: bool, threads: int) -> None:

@@ -108,36 +108,34 @@ def gap_table(samples: dict, ref_feats: torch.Tensor, baselines: list[str], n_bo
             families.setdefault(family(m), []).append(m)
 
     measures = ("margin", "fd")
+    members = sum(families.values(), [])
 
-    def family_means(points) -> dict[tuple, torch.Tensor]:  # (family, baseline, measure) -> (scales,) seed-mean gap
-        out = {}
-        for b in baselines:
-            for measure in measures:
-                g = gaps({m: points[m] for m in [b, *sum(families.values(), [])]}, b, measure)
-                for fam, members in families.items():
-                    out[fam, b, measure] = torch.tensor([g[m] for m in members], dtype=torch.float64).mean(0)
-        return out
+    def member_gaps(points) -> dict[tuple[str, str], dict[str, list[float]]]:  # (baseline, measure) -> {method: gaps}
+        return {(b, measure): gaps({m: points[m] for m in [b, *members]}, b, measure) for b in baselines for measure in measures}
 
-    point = _points(samples, ref_stats)
+    def family_means(per_method) -> dict[tuple, torch.Tensor]:  # (family, baseline, measure) -> (scales,) seed-mean gap
+        return {(fam, b, measure): torch.tensor([g[m] for m in ms], dtype=torch.float64).mean(0)
+                for (b, measure), g in per_method.items() for fam, ms in families.items()}
+
+    point = member_gaps(_points(samples, ref_stats))
     estimate = family_means(point)
     gen = torch.Generator().manual_seed(seed)
-    boots = [family_means(_points(samples, ref_stats, torch.randint(0, n, (n,), generator=gen))) for _ in range(n_boot)]
+    boots = [family_means(member_gaps(_points(samples, ref_stats, torch.randint(0, n, (n,), generator=gen))))
+             for _ in range(n_boot)]
     rows = []
-    for b in baselines:
-        for measure in measures:
-            per_method = gaps({m: point[m] for m in [b, *sum(families.values(), [])]}, b, measure)
-            for fam, members in families.items():
-                seeds = torch.tensor([per_method[m] for m in members], dtype=torch.float64)  # (S, scales)
-                boot = torch.stack([r[fam, b, measure] for r in boots])  # (n_boot, scales)
-                for i, scale in enumerate(sorted(s for m, s in samples if m == members[0])):
-                    g = estimate[fam, b, measure][i].item()
-                    finite = boot[:, i][boot[:, i].isfinite()]
-                    se_sample = finite.std().item() if len(finite) > 1 else math.nan
-                    se_seeds = (seeds[:, i].std() / len(members) ** 0.5).item() if len(members) > 1 else math.nan
-                    se = math.sqrt(se_sample ** 2 + (0.0 if math.isnan(se_seeds) else se_seeds ** 2))
-                    rows.append({"family": fam, "baseline": b, "measure": measure, "guidance_scale": scale, "gap": g,
-                                 "se": se, "se_seeds": se_seeds, "se_sample": se_sample, "seeds": len(members),
-                                 "z": g / se if se > 0 and not math.isnan(g) else math.nan})
+    for (b, measure), per_method in point.items():
+        for fam, ms in families.items():
+            seeds = torch.tensor([per_method[m] for m in ms], dtype=torch.float64)  # (S, scales)
+            boot = torch.stack([r[fam, b, measure] for r in boots])  # (n_boot, scales)
+            for i, scale in enumerate(sorted(s for m, s in samples if m == ms[0])):
+                g = estimate[fam, b, measure][i].item()
+                finite = boot[:, i][boot[:, i].isfinite()]
+                se_sample = finite.std().item() if len(finite) > 1 else math.nan
+                se_seeds = (seeds[:, i].std() / len(ms) ** 0.5).item() if len(ms) > 1 else math.nan
+                se = math.sqrt(se_sample ** 2 + (0.0 if math.isnan(se_seeds) else se_seeds ** 2))
+                rows.append({"family": fam, "baseline": b, "measure": measure, "guidance_scale": scale, "gap": g,
+                             "se": se, "se_seeds": se_seeds, "se_sample": se_sample, "seeds": len(ms),
+                             "z": g / se if se > 0 and not math.isnan(g) else math.nan})
     return rows
 
 

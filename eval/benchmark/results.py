@@ -227,11 +227,10 @@ def main(argv=None):
     for name, path in deltas.items():
         if path.name == LORA_FILE:  # DPO-NPO's LoRA: applied as delta (theta + beta * delta, beta 1)
             delta, meta = load_offset(path.parent, base, pipe.read_weights), read_metadata(path)
-            meta["k"] = 0
         else:
             delta, meta = read_delta(path, base)
         negatives[name] = negative_model(unet, base, delta=delta)
-        cost[name] = {"train_seconds": float(meta["train_seconds"]), "steps": int(meta["steps"]), "k": int(meta["k"]),
+        cost[name] = {"train_seconds": float(meta["train_seconds"]), "steps": int(meta["steps"]), "k": int(meta["k"]) if "k" in meta else None,
                       "lr": float(meta["lr"]), "delta_norm": torch.sqrt(sum((v.float() ** 2).sum() for v in delta.values())).item()}
         for s in range(args.train_seeds):
             if name == seeded("self-npo-k5", s):
@@ -259,7 +258,7 @@ def main(argv=None):
     table = format_table(rows, info)
     cost_lines = ["| variant | K | steps | lr | train seconds | s/step | ||delta|| |", "|---|---|---|---|---|---|---|"]
     for name, c in cost.items():
-        cost_lines.append(f"| {name} | {c['k']} | {c['steps']} | {c['lr']:g} | {c['train_seconds']:.0f} | "
+        cost_lines.append(f"| {name} | {'-' if c['k'] is None else c['k']} | {c['steps']} | {c['lr']:g} | {c['train_seconds']:.0f} | "
                           f"{c['train_seconds'] / c['steps']:.2f} | {c['delta_norm']:.4f} |")
     best = {m: winners(gap_rows, measure=m) for m in ("margin", "fd")}
     gap_md = ("## Gap to each baseline's frontier\n\nMargin gap at equal FD: the best margin the method reaches at an FD "
